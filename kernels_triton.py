@@ -1,0 +1,254 @@
+"""Fused FKD / FerKD soft-label loss: Triton kernel on CUDA, a sparse pure-torch path on CPU (and as oracle).
+
+    from kernels_triton import ferkd_loss, region_category
+    loss = ferkd_loss(logits, topk_idx, topk_prob, p_gt, target, mix,
+                      t_low=0.2, t_mid=0.5, t_top=0.9, eps=0.1)   # FerKD; t_low=t_mid=0, t_top=1 is plain FKD
+    loss.backward()
+    python kernels_triton.py                                      # benchmark (see __main__)
+
+The (B, C) soft target is never built: each row's target is a constant plus M*K + 1 sparse entries, so the
+loss and its gradient need one pass over the logits for the log-sum-exp and one to write the gradient. The
+gradient is computed in the forward pass (the loss is terminal, as in Liger-Kernel's cross-entropy) and scaled
+by the upstream gradient in backward.
+
+Legend: B rows, C classes, M regions mixed into a row (SelfMix; M=1 without it), K teacher top-k per region,
+T temperature, z = logits / T, s = softmax(z), I/P = teacher top-k classes/probabilities, p = teacher
+probability of the ground-truth class t of a region, a = mixing weights.
+
+Target of region m (FKD's marginal smoothing + FerKD's calibration by p, thresholds t_low <= t_mid <= t_top):
+    q_m    = P_mk on I_mk, u_m = (1 - sum_k P_mk) / (C - K) on every other class           (u_m = 0 if C = K)
+    p < t_low or p > t_top  -> dropped (too hard to trust, or too easy to teach anything)
+    t_low <= p < t_mid      -> hard region: 1 - eps on t, e = eps / (C - 1) elsewhere
+    otherwise               -> soft region: q_m
+Row target: y = sum_m a_m y_m / sum_m a_m over kept regions (w = 1), or y = 0 when none is kept (w = 0).
+With a^ the renormalized weights (0 on dropped regions), y = U + sum_mk V_mk [c = I_mk] + H [c = t] where
+    U = sum_soft a^_m u_m + sum_hard a^_m e,   V_mk = a^_m [soft] (P_mk - u_m),
+    H = sum_hard a^_m (1 - eps - e)
+Loss, logged as the cross-entropy with the soft target (not KL: they differ by the target's entropy, which
+is constant for the student, so the gradient is the same):
+    CE_b = -sum_c y_c log s_c = lse(z) sum_c y_c - U sum_c z_c - sum_mk V_mk z_I - H z_t
+    loss = T^2 sum_b CE_b / N,   N = max(sum_b w_b, 1)
+    d loss / d logits = T (s sum_c y_c - y) / N      (= 0 on dropped rows, where y = 0)
+The T^2 factor (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network", sec. 2) keeps the gradient
+magnitude independent of T; it is 1 at the FKD/FerKD default T = 1.
+"""
+
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+# ------------------------------------------------------------------------------------------------------------
+# Reference: the calibration rule and the sparse torch path (CPU implementation, and the oracle of the kernel)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def region_category(p_gt, t_low, t_mid, t_top):
+    """FerKD calibration of a region by its teacher p_gt: 0 dropped, 1 hard (softened one-hot), 2 soft."""
+    kept = (p_gt >= t_low) & (p_gt <= t_top)
+    return torch.where(kept, torch.where(p_gt < t_mid, 1, 2), 0).to(torch.int8)
+
+
+def region_weights(p_gt, mix, t_low, t_mid, t_top):
+    """Renormalized mixing weights of the soft and of the hard regions; N = max(#rows kept, 1) on device."""
+    cat = region_category(p_gt, t_low, t_mid, t_top)             # (B, M) 0/1/2
+    a = mix.float() * (cat > 0)                                   # (B, M) weights of the kept regions
+    total = a.sum(1, keepdim=True)                                # (B, 1) 0 when every region is dropped
+    a = a / total.clamp_min(torch.finfo(torch.float32).tiny)      # rows with total = 0 stay all-zero
+    norm = (total > 0).sum().clamp_min(1).float()                 # () a tensor: no host sync
+    return a * (cat == 2), a * (cat == 1), norm
+
+
+def _sparse_target(topk_idx, topk_prob, target, w_soft, w_hard, C, eps):
+    """Row target as U (B,) + (B, M*K+1) sparse entries: each region's top-k classes, then the true class."""
+    B, M, K = topk_idx.shape
+    inv_rest = 1.0 / (C - K) if C > K else 0.0                    # C = K: top-k covers every class, no spread
+    e = eps / (C - 1)                                             # hard region's mass on each wrong class
+    P = topk_prob.float()                                         # (B, M, K)
+    u = (1.0 - P.sum(2)) * inv_rest                               # (B, M) teacher mass per non-top-k class
+    U = (w_soft * u).sum(1) + w_hard.sum(1) * e                   # (B,)
+    V = w_soft[..., None] * (P - u[..., None])                    # (B, M, K)
+    H = w_hard.sum(1) * (1.0 - eps - e)                           # (B,)
+    idx = torch.cat([topk_idx.reshape(B, M * K), target[:, None]], 1).long()  # (B, M*K+1) may repeat classes
+    val = torch.cat([V.reshape(B, M * K), H[:, None]], 1)                     # (B, M*K+1)
+    return U, idx, val
+
+
+def ferkd_loss_reference(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_mid, t_top, eps,
+                         temperature=1.0):
+    """Pure-torch (loss, d loss / d logits) with no (B, C) target: gathers on M*K+1 entries + closed forms."""
+    C, T = logits.shape[1], temperature
+    w_soft, w_hard, norm = region_weights(p_gt, mix, t_low, t_mid, t_top)
+    U, idx, val = _sparse_target(topk_idx, topk_prob, target, w_soft, w_hard, C, eps)
+    z = logits.float() if T == 1 else logits.float() / T          # (B, C)
+    ls = torch.log_softmax(z, 1)                                  # (B, C) log s
+    y_sum = U * C + val.sum(1)                                    # (B,) 1 on kept rows, 0 on dropped ones
+    ce = -U * ls.sum(1) - (val * ls.gather(1, idx)).sum(1)        # (B,) -sum_c y_c log s_c
+    loss = ce.sum() * (T * T) / norm
+    scale = T / norm
+    grad = ls.exp_().mul_((y_sum * scale)[:, None]).sub_((U * scale)[:, None])   # (B, C) reuses ls's memory
+    grad.scatter_add_(1, idx, val * -scale)                       # scatter-add: repeated classes accumulate
+    return loss, grad.to(logits.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Triton kernel: one program per row; pass 1 = online log-sum-exp, pass 2 = gradient, then the sparse entries
+# ------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ferkd_loss_kernel(
+    logits_ptr,   # (B, C) student logits (fp32/bf16/fp16), rows `stride_row` apart, columns contiguous
+    grad_ptr,     # (B, C) out: d loss / d logits, contiguous, logits dtype
+    loss_ptr,     # (B,) out, fp32: T^2 CE_b / N, summed by the launcher (deterministic: no atomics)
+    idx_ptr,      # (B, M, K) teacher top-k class ids (any int dtype), contiguous
+    prob_ptr,     # (B, M, K) teacher top-k probabilities, contiguous
+    w_soft_ptr,   # (B, M) fp32 renormalized weight of each soft region (0 if the region is hard or dropped)
+    w_hard_ptr,   # (B, M) fp32 renormalized weight of each hard region
+    target_ptr,   # (B,) ground-truth class (any int dtype)
+    norm_ptr,     # () fp32 N = max(#kept rows, 1), read on device so that the host never waits
+    stride_row, C, eps, e, inv_rest, inv_t, t,   # e = eps/(C-1); inv_rest = 1/(C-K) or 0 if C = K
+    M: tl.constexpr, K: tl.constexpr, M_P: tl.constexpr, K_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)                             # int64: b * stride_row may exceed 2^31
+    row = logits_ptr + b * stride_row
+    grad_row = grad_ptr + b * C
+
+    # Sparse target of this row (see _sparse_target): U + V on the top-k classes + H on the true class.
+    r = tl.arange(0, M_P)[:, None]                                # (M_P, 1) region
+    k = tl.arange(0, K_P)[None, :]                                # (1, K_P) top-k slot
+    rk = (r < M) & (k < K)
+    I = tl.load(idx_ptr + b * (M * K) + r * K + k, mask=rk, other=-1).to(tl.int64)
+    P = tl.load(prob_ptr + b * (M * K) + r * K + k, mask=rk, other=0.0).to(tl.float32)
+    ws = tl.load(w_soft_ptr + b * M + r, mask=r < M, other=0.0)   # (M_P, 1)
+    wh = tl.load(w_hard_ptr + b * M + r, mask=r < M, other=0.0)   # (M_P, 1)
+    u = (1.0 - tl.sum(P, axis=1)[:, None]) * inv_rest             # (M_P, 1)
+    U = tl.sum(ws * u) + tl.sum(wh) * e
+    H = tl.sum(wh) * (1.0 - eps - e)
+    V = tl.reshape(tl.where(rk, ws * (P - u), 0.0), (M_P * K_P,))
+    I = tl.reshape(I, (M_P * K_P,))                               # -1 on padding: matches no class
+    tgt = tl.load(target_ptr + b).to(tl.int64)
+    y_sum = U * C + tl.sum(V) + H
+
+    # Pass 1: online log-sum-exp and sum of z over the row, in fp32.
+    mx = float("-inf")
+    d = 0.0
+    z_sum = 0.0
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        z = tl.load(row + c, mask=c < C, other=float("-inf")).to(tl.float32) * inv_t
+        mx_new = tl.maximum(mx, tl.max(z, axis=0))
+        d = d * tl.exp(mx - mx_new) + tl.sum(tl.exp(z - mx_new), axis=0)
+        mx = mx_new
+        z_sum += tl.sum(tl.where(c < C, z, 0.0), axis=0)
+    lse = mx + tl.log(d)
+
+    z_I = tl.load(row + I, mask=I >= 0, other=0.0).to(tl.float32) * inv_t
+    z_t = tl.load(row + tgt).to(tl.float32) * inv_t
+    norm = tl.load(norm_ptr)
+    ce = lse * y_sum - U * z_sum - tl.sum(V * z_I) - H * z_t
+    tl.store(loss_ptr + b, ce * t * t / norm)
+
+    # Pass 2: the dense part of the gradient, T (s sum_c y_c - U) / N, on every class...
+    g_scale = t / norm
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        z = tl.load(row + c, mask=c < C, other=0.0).to(tl.float32) * inv_t
+        g = (tl.exp(z - lse) * y_sum - U) * g_scale
+        tl.store(grad_row + c, g.to(grad_ptr.dtype.element_ty), mask=c < C)
+    # ...then overwrite the M*K+1 sparse classes, after a barrier so that these stores land last. A class can
+    # appear several times (in two regions, or as a top-k class and the true class): sum all its entries, so
+    # that duplicates write the same value.
+    tl.debug_barrier()
+    same = I[:, None] == I[None, :]                               # (M_P*K_P, M_P*K_P)
+    V_I = tl.sum(tl.where(same, V[None, :], 0.0), axis=1) + tl.where(I == tgt, H, 0.0)
+    V_t = H + tl.sum(tl.where(I == tgt, V, 0.0))
+    g_I = (tl.exp(z_I - lse) * y_sum - U - V_I) * g_scale
+    g_t = (tl.exp(z_t - lse) * y_sum - U - V_t) * g_scale
+    tl.store(grad_row + I, g_I.to(grad_ptr.dtype.element_ty), mask=I >= 0)
+    tl.store(grad_row + tgt, g_t.to(grad_ptr.dtype.element_ty))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Launcher
+# ------------------------------------------------------------------------------------------------------------
+
+
+def ferkd_loss_triton(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_mid, t_top, eps,
+                      temperature=1.0, block_c=None):
+    """Same contract as ferkd_loss_reference, computed by the Triton kernel (CUDA, or TRITON_INTERPRET=1)."""
+    B, C = logits.shape
+    M, K = topk_idx.shape[1:]
+    w_soft, w_hard, norm = region_weights(p_gt, mix, t_low, t_mid, t_top)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    grad = torch.empty((B, C), dtype=logits.dtype, device=logits.device)
+    row_loss = torch.empty(B, dtype=torch.float32, device=logits.device)
+    # Up to 4096 columns per step bounds the registers; larger C loops (C = 22k: 6 steps per pass).
+    block_c = block_c or min(triton.next_power_of_2(C), 4096)
+    _ferkd_loss_kernel[(B,)](
+        logits, grad, row_loss, topk_idx.contiguous(), topk_prob.contiguous(),
+        w_soft.contiguous(), w_hard.contiguous(), target.contiguous(), norm,
+        logits.stride(0), C, eps, eps / (C - 1), 1.0 / (C - K) if C > K else 0.0, 1.0 / temperature,
+        temperature, M=M, K=K, M_P=triton.next_power_of_2(M), K_P=triton.next_power_of_2(K),
+        BLOCK_C=block_c, num_warps=8 if block_c >= 2048 else 4,
+    )
+    return row_loss.sum(), grad
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch.library op: CPU -> torch path, CUDA -> Triton; traced by torch.compile(fullgraph=True); opcheck-clean
+# ------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ferkd::loss_fwd", mutates_args=())
+def _loss_fwd(logits: torch.Tensor, topk_idx: torch.Tensor, topk_prob: torch.Tensor, p_gt: torch.Tensor,
+              target: torch.Tensor, mix: torch.Tensor, t_low: float, t_mid: float, t_top: float, eps: float,
+              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return ferkd_loss_reference(logits, topk_idx, topk_prob, p_gt, target, mix, t_low=t_low, t_mid=t_mid,
+                                t_top=t_top, eps=eps, temperature=temperature)
+
+
+@_loss_fwd.register_kernel("cuda")
+def _loss_fwd_cuda(logits, topk_idx, topk_prob, p_gt, target, mix, t_low, t_mid, t_top, eps, temperature):
+    return ferkd_loss_triton(logits, topk_idx, topk_prob, p_gt, target, mix, t_low=t_low, t_mid=t_mid,
+                             t_top=t_top, eps=eps, temperature=temperature)
+
+
+@_loss_fwd.register_fake
+def _loss_fwd_fake(logits, *args):
+    return logits.new_empty((), dtype=torch.float32), torch.empty_like(logits)
+
+
+def _loss_fwd_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])                              # the gradient, computed in the forward
+
+
+def _loss_fwd_backward(ctx, grad_loss, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    return (grad * grad_loss,) + (None,) * 10                     # nothing flows to labels or thresholds
+
+
+_loss_fwd.register_autograd(_loss_fwd_backward, setup_context=_loss_fwd_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------------------
+
+
+def ferkd_loss(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_mid, t_top, eps, temperature=1.0):
+    """FerKD loss (module docstring): T^2 * mean over kept rows of CE(calibrated soft target, softmax(z/T)).
+
+    logits (B, C) fp32/bf16/fp16; topk_idx (B, M, K) int; topk_prob (B, M, K) float, dequantized; p_gt (B, M)
+    float; target (B,) int; mix (B, M) float, rows summing to 1 (M=1, mix=1 without SelfMix). Returns a 0-d
+    fp32 tensor; the gradient reaches logits only. t_low=0, t_mid=0, t_top=1 gives plain FKD.
+    """
+    B, C = logits.shape
+    assert topk_idx.shape == topk_prob.shape and topk_idx.shape[0] == B, (topk_idx.shape, logits.shape)
+    assert p_gt.shape == mix.shape == topk_idx.shape[:2] and target.shape == (B,), (p_gt.shape, target.shape)
+    assert C >= 2 and topk_idx.shape[2] <= C and temperature > 0, (C, topk_idx.shape, temperature)
+    loss, _ = torch.ops.ferkd.loss_fwd(logits, topk_idx, topk_prob, p_gt, target, mix, float(t_low),
+                                       float(t_mid), float(t_top), float(eps), float(temperature))
+    return loss
