@@ -200,12 +200,11 @@ def test_triton_kernel_in_interpreter(dtype):
     proc = subprocess.run([sys.executable, __file__, dtype], env=env, capture_output=True, text=True,
                           timeout=220)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "interpreter checks passed" in proc.stdout
+    assert "kernel checks passed" in proc.stdout
 
 
-def interpreter_checks(dtype):
-    """Run as `TRITON_INTERPRET=1 python tests/test_kernels.py bfloat16`: kernel vs the dense reference."""
-    assert os.environ.get("TRITON_INTERPRET") == "1"
+def kernel_checks(dtype, device):
+    """The Triton kernel against the dense reference, on CUDA or (TRITON_INTERPRET=1) on CPU tensors."""
     from kernels_triton import ferkd_loss_triton
 
     dtype = getattr(torch, dtype)
@@ -216,11 +215,23 @@ def interpreter_checks(dtype):
                (3, 22000, 5, 2, "mixed", 1.0, None)]                      # C = 22k: several 4096-wide blocks
     for B, C, K, M, case, T, block_c in checks:
         batch, th = make_batch(B, C, K, M, case, seed=B + C + K, dtype=dtype)
-        loss, grad = ferkd_loss_triton(**batch, **th, eps=0.1, temperature=T, block_c=block_c)
+        on_device = {k: v.to(device) for k, v in batch.items()}
+        loss, grad = ferkd_loss_triton(**on_device, **th, eps=0.1, temperature=T, block_c=block_c)
         ref_loss, ref_grad = dense_reference(**batch, **th, eps=0.1, temperature=T, grad_out=1.0)
-        assert_matches(loss, grad, ref_loss, ref_grad, dtype, ulps=2)      # the interpreter truncates to bf16
+        assert_matches(loss.cpu(), grad.cpu(), ref_loss, ref_grad, dtype, ulps=2)  # interpreter truncates
         print("ok", B, C, K, M, case, T, block_c)
-    print("interpreter checks passed")
+    print("kernel checks passed")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the interpreter covers CPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_triton_kernel_on_cuda(dtype):
+    kernel_checks(dtype, "cuda")
+    batch, th = make_batch(37, 1001, 5, 2, "mixed", seed=11, dtype=getattr(torch, dtype))
+    loss, grad = run_op({k: v.cuda() for k, v in batch.items()}, th, eps=0.1, temperature=2.0, grad_out=0.37)
+    ref_loss, ref_grad = dense_reference(**batch, **th, eps=0.1, temperature=2.0, grad_out=0.37)
+    assert_matches(loss.cpu(), grad.cpu(), ref_loss, ref_grad, getattr(torch, dtype), ulps=2)
 
 
 @pytest.mark.timeout(120)
@@ -246,5 +257,6 @@ def test_triton_kernel_compiles_for_gpu(arch, dtype):
         assert compiled.asm["cubin"] and ".entry _ferkd_loss_kernel" in compiled.asm["ptx"]
 
 
-if __name__ == "__main__":
-    interpreter_checks(sys.argv[1])
+if __name__ == "__main__":                         # TRITON_INTERPRET=1 python tests/test_kernels.py bfloat16
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    kernel_checks(sys.argv[1], "cpu")
