@@ -52,8 +52,9 @@ import triton.language as tl
 
 def region_category(p_gt, t_low, t_mid, t_top):
     """FerKD calibration of a region by its teacher p_gt: 0 dropped, 1 hard (softened one-hot), 2 soft."""
-    kept = (p_gt >= t_low) & (p_gt <= t_top)
-    return torch.where(kept, torch.where(p_gt < t_mid, 1, 2), 0).to(torch.int8)
+    p = p_gt.float()                                              # fp32 compares on every device and dtype
+    kept = (p >= t_low) & (p <= t_top)
+    return torch.where(kept, torch.where(p < t_mid, 1, 2), 0).to(torch.int8)
 
 
 def region_weights(p_gt, mix, t_low, t_mid, t_top):

@@ -47,7 +47,7 @@ def make_batch(B, C, K, M, case, seed, dtype=torch.float32):
             "soft": 0.5 + u * 0.4, "mixed": u, "fkd": u}[case]
     if case == "mixed":                                                   # rows of every kind, boundaries
         p_gt[0] = 0.05                                                      # all dropped
-        p_gt[1, 0], p_gt[1, -1] = 0.3, 0.7                                  # hard + soft (if M = 2)
+        p_gt[1 % B, 0], p_gt[1 % B, -1] = 0.3, 0.7                          # hard + soft (if M = 2)
         p_gt[2 % B, 0] = FERKD["t_low"]                                     # hard: t_low <= p
         p_gt[3 % B, 0] = FERKD["t_mid"]                                     # soft: p >= t_mid
     thresholds = FKD if case == "fkd" else FERKD
@@ -131,6 +131,18 @@ def test_torch_path_dtypes_and_temperature(dtype, temperature):
     ref_loss, ref_grad = dense_reference(**batch, **thresholds, eps=0.2, temperature=temperature,
                                          grad_out=-1.7)
     assert_matches(loss, grad, ref_loss, ref_grad, dtype, ulps=1)
+
+
+def test_label_dtypes_as_stored():
+    """int16 class ids, fp16 probabilities/p_gt/mix, int32 targets: same result as the widened inputs."""
+    from kernels_triton import ferkd_loss
+
+    batch, th = make_batch(16, 300, 5, 2, "mixed", seed=4)
+    small = dict(topk_idx=batch["topk_idx"].short(), topk_prob=batch["topk_prob"].half(),
+                 p_gt=batch["p_gt"].half(), mix=batch["mix"].half(), target=batch["target"].int())
+    wide = {k: v.long() if k in ("topk_idx", "target") else v.float() for k, v in small.items()}
+    got = ferkd_loss(batch["logits"], **small, **th, eps=0.1)
+    torch.testing.assert_close(got, ferkd_loss(batch["logits"], **wide, **th, eps=0.1), rtol=0, atol=0)
 
 
 def test_fkd_case_is_fkd_soft_cross_entropy():
@@ -220,6 +232,13 @@ def kernel_checks(dtype, device):
         ref_loss, ref_grad = dense_reference(**batch, **th, eps=0.1, temperature=T, grad_out=1.0)
         assert_matches(loss.cpu(), grad.cpu(), ref_loss, ref_grad, dtype, ulps=2)  # interpreter truncates
         print("ok", B, C, K, M, case, T, block_c)
+    batch, th = make_batch(16, 300, 5, 2, "mixed", seed=4, dtype=dtype)   # labels as stored: int16 ids, fp16
+    small = {**batch, "topk_idx": batch["topk_idx"].short(), "topk_prob": batch["topk_prob"].half(),
+             "target": batch["target"].int()}
+    got = ferkd_loss_triton(**{k: v.to(device) for k, v in small.items()}, **th, eps=0.1)
+    want = ferkd_loss_triton(**{**{k: v.to(device) for k, v in batch.items()},
+                                "topk_prob": small["topk_prob"].float().to(device)}, **th, eps=0.1)
+    torch.testing.assert_close([t.cpu() for t in got], [t.cpu() for t in want], rtol=0, atol=0)
     print("kernel checks passed")
 
 
