@@ -54,6 +54,10 @@ class TrainConfig:
     t_mid: float = 0.0            # FerKD: t_low <= p_gt < t_mid is a hard region, trained on softened truth
     t_top: float = 1.0            # FerKD: regions with p_gt > t_top are dropped
     eps: float = 0.1              # FerKD: smoothing of hard regions' ground truth
+    mix: str = "none"             # none | cutmix | mixup: SelfMix (needs --crops >= 2), rows mix two regions
+    mix_prob: float = 0.0         # probability that a row is mixed
+    mix_alpha: float = 1.0        # lambda ~ Beta(alpha, alpha): the share of the row's own region
+    mix_source: str = "self"      # self: the other region of the same image (SelfMix) | batch: another image
     subset: int = 0               # train on the first N images only (0: all); for quick runs
     seed: int = 0
     run_dir: str = "runs/default"
@@ -81,6 +85,14 @@ def check_config(c):
                         f"got t_low={c.t_low} t_mid={c.t_mid} t_top={c.t_top} eps={c.eps}")
     if c.kd == "fkd" and (c.t_low, c.t_mid, c.t_top) != (0.0, 0.0, 1.0):
         raise UserError("--t_low/--t_mid/--t_top act only with --kd=ferkd")
+    if c.mix not in ("none", "cutmix", "mixup") or c.mix_source not in ("self", "batch"):
+        raise UserError(f"--mix must be none, cutmix or mixup and --mix_source self or batch")
+    if not 0 <= c.mix_prob <= 1 or c.mix_alpha <= 0:
+        raise UserError("--mix_prob must be in [0, 1] and --mix_alpha > 0")
+    if c.mix != "none" and c.kd == "none":
+        raise UserError("--mix mixes stored regions and their labels: use it with --kd=fkd or --kd=ferkd")
+    if c.mix != "none" and c.mix_source == "self" and c.crops < 2:
+        raise UserError("SelfMix mixes two regions of one image: it needs --crops >= 2")
     if c.subset < 0 or c.res < 0:
         raise UserError("--subset and --res must be >= 0")
 
@@ -205,22 +217,88 @@ def region_plans(c, header, table, heights, widths):
 
 
 def ce_loss(label_smoothing):
-    def loss(logits, labels, index, choice):
+    def loss(logits, labels, index, choice, partner, share):
         return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     return loss
 
 
+def region_targets(table, k, index, choice, device):
+    """Stored labels of the regions replayed in a batch: ids (B*n, k), probs (B*n, k), p_gt (B*n,)."""
+    rec = table[index[:, None], choice[index]].to(device, non_blocking=True)  # (B, n, D) uint8
+    ids, probs, pgt, _ = unpack_regions(rec.flatten(0, 1), k)
+    return ids, probs, pgt
+
+
 def kd_loss(c, table, k):
-    """Soft-label loss over stored regions through the fused FerKD loss (FKD: thresholds 0, 0, 1)."""
+    """Soft-label loss over stored regions through the fused FerKD loss (FKD: thresholds 0, 0, 1).
+    `partner`/`share` come from `mix_batch`: row r mixes its own region (weight share) with row partner[r]'s."""
     from kernels_triton import ferkd_loss
     table = torch.from_numpy(table)
 
-    def loss(logits, labels, index, choice):
-        rec = table[index.cpu()[:, None], choice[index.cpu()]].to(logits.device, non_blocking=True)  # (B, n, D)
-        ids, probs, pgt, _ = unpack_regions(rec.flatten(0, 1), k)  # (B*n, k), (B*n, k), (B*n,)
-        return ferkd_loss(logits, ids[:, None], probs[:, None], pgt[:, None], labels,
-                          torch.ones_like(pgt)[:, None], t_low=c.t_low, t_mid=c.t_mid, t_top=c.t_top, eps=c.eps)
+    def loss(logits, labels, index, choice, partner, share):
+        ids, probs, pgt = region_targets(table, k, index, choice, logits.device)
+        ids, probs, pgt = (torch.stack([t, t[partner]], 1) for t in (ids, probs, pgt))  # M = 2 regions a row
+        if c.mix_source == "batch":  # the partner is another image: its hard region's truth is its own class
+            ids[:, 1], probs[:, 1], pgt[:, 1] = as_soft_label(ids[:, 1], probs[:, 1], pgt[:, 1], labels[partner],
+                                                              logits.shape[1], c)
+        mix = torch.stack([share, 1 - share], 1)
+        return ferkd_loss(logits, ids, probs, pgt, labels, mix, t_low=c.t_low, t_mid=c.t_mid, t_top=c.t_top,
+                          eps=c.eps)
     return loss
+
+
+def as_soft_label(ids, probs, pgt, truth, C, c):
+    """A region's FerKD target written as a kept teacher label, for a region mixed into a row of another class
+    (ferkd_loss applies the hard-region rule with the row's class). A softened one-hot is a top-k label with
+    1 - eps on the truth and eps/(C-1) on k-1 other classes, the rest spread evenly: exactly eps/(C-1) each."""
+    from kernels_triton import region_category
+    cat = region_category(pgt, c.t_low, c.t_mid, c.t_top)
+    k = ids.shape[1]
+    hard_ids = (truth[:, None] + torch.arange(k, device=ids.device)) % C
+    hard_probs = torch.full_like(probs, c.eps / (C - 1))
+    hard_probs[:, 0] = 1 - c.eps
+    hard = (cat == 1)[:, None]
+    kept_soft = torch.full_like(pgt, max(c.t_mid, c.t_low))  # a p_gt that ferkd_loss files as a kept soft region
+    return (torch.where(hard, hard_ids, ids), torch.where(hard, hard_probs, probs),
+            torch.where(cat == 1, kept_soft, pgt))
+
+
+def mix_batch(c, generator):
+    """SelfMix (FerKD): each row's region gets a patch of (cutmix) or is blended with (mixup) another region of
+    the same image; `--mix_source=batch` takes it from another image instead (ordinary CutMix/Mixup).
+    Returns mix(x) -> (x, partner (rows,), share (rows,)): share is the exact fraction of the row that is its
+    own region (the pasted area for cutmix), so labels mix by area. Vectorized on the device."""
+    def none(x, n):
+        rows = torch.arange(len(x), device=x.device)
+        return x, rows, torch.ones(len(x), device=x.device)
+
+    def mix(x, n):
+        R, _, H, W = x.shape
+        rows = torch.arange(R, device=x.device)
+        if c.mix_source == "self":  # row (b, j) takes region (b, j+1 mod n)
+            partner = (rows // n) * n + (rows % n + 1) % n
+        else:  # row (b, j) takes the same crop of the next image in the batch
+            partner = (rows + n) % R
+        u = torch.rand(R, device=x.device, generator=generator)
+        lam = torch.distributions.Beta(c.mix_alpha, c.mix_alpha).sample((R,)).to(x.device)
+        on = torch.rand(R, device=x.device, generator=generator) < c.mix_prob
+        if c.mix == "mixup":
+            share = torch.where(on, lam, torch.ones_like(lam))
+            x = share.view(R, 1, 1, 1) * x + (1 - share.view(R, 1, 1, 1)) * x[partner]
+            return x, partner, share
+        # cutmix: a box of area ~ (1 - lam) centred uniformly, clipped to the image
+        cut = torch.sqrt(1 - lam)
+        cy, cx = torch.rand(R, device=x.device, generator=generator) * H, u * W
+        y0, y1 = (cy - cut * H / 2).clamp(0, H).round(), (cy + cut * H / 2).clamp(0, H).round()
+        x0, x1 = (cx - cut * W / 2).clamp(0, W).round(), (cx + cut * W / 2).clamp(0, W).round()
+        ys = torch.arange(H, device=x.device).view(1, H, 1)
+        xs = torch.arange(W, device=x.device).view(1, 1, W)
+        inside = (ys >= y0.view(R, 1, 1)) & (ys < y1.view(R, 1, 1)) & (xs >= x0.view(R, 1, 1)) \
+            & (xs < x1.view(R, 1, 1)) & on.view(R, 1, 1)
+        x = torch.where(inside[:, None], x[partner], x)
+        share = 1 - inside.flatten(1).float().mean(1)
+        return x, partner, share
+    return none if c.mix == "none" else mix
 
 # -----------------------------------------------------------------------------
 # Schedule, step, evaluation
@@ -324,6 +402,7 @@ def train(**flags):
     scaler = torch.amp.GradScaler(device.type, enabled=c.amp and not bf16)
     loss_fn = ce_loss(c.label_smoothing) if c.kd == "none" else kd_loss(c, table, header["k"])
     warmup = int(c.warmup_epochs * steps_per_epoch)
+    mix_fn = mix_batch(c, torch.Generator(device).manual_seed(c.seed + 1000 * rank))
 
     config = dict(dataclasses.asdict(c), world_size=world, per_rank_batch=per_rank, rows_per_step=c.batch_size
                   * c.crops, steps_per_epoch=steps_per_epoch, total_steps=total_steps, peak_lr=peak_lr, res=res,
@@ -342,11 +421,11 @@ def train(**flags):
         for images_u8, labels, index in loader:
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, total_steps, warmup, peak_lr)
-            x = to_model_input(images_u8, device)
+            x, partner, share = mix_fn(to_model_input(images_u8, device), c.crops)
             labels = labels.to(device, non_blocking=True).repeat_interleave(c.crops)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = ddp(x)
-            loss = loss_fn(logits, labels, index, choice)
+            loss = loss_fn(logits, labels, index, choice, partner, share)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -4,46 +4,15 @@ A session fixture trains a small teacher with `ferkd.py train --kd=none` and bui
 `labels.py build`, both through the command line as a user would; the tests then check the file against
 independent recomputations and train an FKD student from it.
 """
-import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-R, K = 6, 5
+from conftest import K, R, cli, last_json
+
 pytestmark = pytest.mark.timeout(600)
-
-
-def cli(*args, cwd=ROOT, check=True):
-    """Run one of the project's commands; returns the CompletedProcess (stdout+stderr as text)."""
-    p = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=500)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
-
-
-def last_json(text):
-    return json.loads(text.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="session")
-def built(tmp_path_factory):
-    """(teacher checkpoint, label file) for digits: a 4-epoch small32 teacher, R regions per image."""
-    d = tmp_path_factory.mktemp("digits")
-    cli("ferkd.py", "train", "--data=digits", "--kd=none", "--arch=small32", "--epochs=6", "--batch_size=64",
-        f"--run_dir={d / 'teacher'}")
-    out = d / "labels.beton"
-    p = cli("labels.py", "build", "--data=digits", f"--teacher={d / 'teacher' / 'final.pt'}", f"--out={out}",
-            f"--regions={R}", f"--k={K}", "--seed=3")
-    assert "20 bytes/region" in p.stdout
-    return d / "teacher" / "final.pt", out
 
 
 def reference_crop(img, box, flip, res):

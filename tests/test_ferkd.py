@@ -1,0 +1,103 @@
+"""FerKD in training: region selection by p_gt, SelfMix, and ferkd == fkd at neutral thresholds."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import ferkd
+import labels
+from kernels_triton import region_category
+from conftest import cli
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def fake_table(N=50, R=6, k=5, seed=0):
+    rng = np.random.default_rng(seed)
+    b, f = labels.random_boxes(rng, N * R)
+    pgt = rng.random((N, R)) ** 2
+    pgt[0] = 0.0  # image 0: every region dropped at t_low > 0
+    return labels.pack_regions(labels.quantize_boxes(b).reshape(N, R, 4), f.reshape(N, R),
+                               rng.integers(0, 10, (N, R, k)), rng.random((N, R, k)) / k, pgt)
+
+
+@pytest.mark.parametrize("t_low, t_mid, t_top", [(0.1, 0.3, 0.9), (0.0, 0.0, 1.0), (0.25, 0.25, 0.6)])
+def test_region_selection_respects_thresholds(t_low, t_mid, t_top):
+    table = fake_table()
+    N, R = table.shape[:2]
+    c = ferkd.TrainConfig(kd="ferkd", labels="x", crops=2, t_low=t_low, t_mid=t_mid, t_top=t_top)
+    h = w = np.full(N, 32)
+    plan, fill, images = ferkd.region_plans(c, dict(regions=R, k=5), table, h, w)
+    pgt = labels.unpack_regions(torch.from_numpy(table), 5)[2]
+    kept = (region_category(pgt, t_low, t_mid, t_top) > 0).numpy()
+    assert np.array_equal(images, np.flatnonzero(kept.any(1)))  # images with no kept region are never loaded
+    seen = np.zeros_like(kept)
+    for epoch in range(30):
+        choice = fill(epoch).numpy()
+        rows = np.arange(N)[:, None]
+        assert kept[images[:, None], choice[images]].all()  # only kept regions are replayed
+        many = kept.sum(1) >= 2
+        assert (choice[many, 0] != choice[many, 1]).all()  # two crops of an image are distinct regions
+        box = labels.box_pixels(table[rows, choice, :4], 32, 32)
+        assert np.array_equal(plan[..., :4], box)  # the decoder's plan holds the chosen regions' boxes
+        seen[rows, choice] = True
+    assert np.array_equal(seen[images], kept[images])  # and every kept region comes up over epochs
+
+
+def test_selfmix_labels_are_the_pasted_area():
+    for mix in ("cutmix", "mixup"):
+        c = ferkd.TrainConfig(kd="ferkd", labels="x", crops=2, mix=mix, mix_prob=0.7, mix_alpha=1.0)
+        fn = ferkd.mix_batch(c, torch.Generator().manual_seed(0))
+        n, R, H = 2, 64, 16
+        # row r holds the constant value r: the mixed row's mean tells how much came from the partner
+        x = torch.arange(R, dtype=torch.float32).view(R, 1, 1, 1).expand(R, 3, H, H).contiguous()
+        out, partner, share = fn(x, n)
+        assert ((partner // n) == (torch.arange(R) // n)).all() and (partner != torch.arange(R)).all()
+        own = torch.arange(R).float()
+        frac_own = (out - x[partner]) / (own - partner.float()).view(R, 1, 1, 1)  # 1: own pixel, 0: pasted
+        # cutmix rows are exact pixel counts; mixup rows carry fp32 rounding of values up to R
+        torch.testing.assert_close(frac_own.mean((1, 2, 3)), share, atol=1e-6 if mix == "cutmix" else 2e-5, rtol=0)
+        assert ((share > 0) & (share <= 1)).all() or mix == "cutmix"
+        assert (share < 1).float().mean() > 0.4  # about mix_prob of the rows are mixed
+        mixw = torch.stack([share, 1 - share], 1)
+        torch.testing.assert_close(mixw.sum(1), torch.ones(R))
+
+
+def test_cross_image_hard_region_label_is_exact():
+    """A hard region mixed into another image's row is relabelled as a top-k label whose dense form is the
+    softened one-hot of its own class: 1 - eps on the truth, eps / (C - 1) elsewhere."""
+    c = ferkd.TrainConfig(kd="ferkd", labels="x", t_low=0.1, t_mid=0.5, t_top=0.9, eps=0.2)
+    C, k = 10, 5
+    ids = torch.tensor([[3, 1, 2, 4, 5]])
+    probs = torch.tensor([[0.3, 0.2, 0.1, 0.1, 0.1]])
+    i2, p2, g2 = ferkd.as_soft_label(ids, probs, torch.tensor([0.3]), torch.tensor([7]), C, c)
+    dense = torch.full((C,), (1 - p2.sum().item()) / (C - k))
+    dense[i2[0]] = p2[0]
+    want = torch.full((C,), 0.2 / 9)
+    want[7] = 0.8
+    torch.testing.assert_close(dense, want)
+    assert region_category(g2, 0.1, 0.5, 0.9).item() == 2  # and the loss files it as a kept soft label
+
+
+def test_ferkd_at_neutral_thresholds_is_fkd(built, tmp_path):
+    _, path = built
+    common = ["--data=digits", f"--labels={path}", "--arch=small16", "--epochs=2", "--batch_size=64", "--seed=5"]
+    out = {}
+    for kd in ("fkd", "ferkd"):
+        extra = ["--t_low=0", "--t_mid=0", "--t_top=1"] if kd == "ferkd" else []
+        cli("ferkd.py", "train", f"--kd={kd}", f"--run_dir={tmp_path / kd}", *common, *extra)
+        out[kd] = [json.loads(line) for line in (tmp_path / kd / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in out["fkd"]] == [m["loss"] for m in out["ferkd"]]
+    a = torch.load(tmp_path / "fkd" / "final.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "ferkd" / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_ferkd_with_selfmix_trains(built, tmp_path):
+    _, path = built
+    p = cli("ferkd.py", "train", "--data=digits", f"--labels={path}", "--kd=ferkd", "--t_low=0.02", "--t_mid=0.2",
+            "--t_top=0.995", "--mix=cutmix", "--mix_prob=0.5", "--crops=2", "--arch=small16", "--epochs=4",
+            "--batch_size=64", f"--run_dir={tmp_path / 'r'}")
+    assert "dropped" in p.stdout and "hard" in p.stdout  # category counts printed before training
+    assert json.loads(p.stdout.strip().splitlines()[-1])["top1"] > 50
