@@ -3,11 +3,16 @@ Region soft labels for FKD / FerKD, stored beside the images in one FFCV `.beton
 
     python labels.py build --data=fashion-mnist --teacher=runs/teacher/final.pt --out=data/fm-labels.beton
     python labels.py build --data=imagefolder:/data/imagenet --teacher=torchvision:resnet50 --out=in1k.beton
+    torchrun --nproc_per_node=8 labels.py build ...   # each process takes a share of the chunks; same bytes
 
-A strong teacher is run once over R random-resized crops ("regions") of every training image (FKD, Shen & Xing,
-ECCV 2022). For each region we keep what the trainer needs to replay it and learn from it (FerKD, Shen et al.,
-arXiv 2312.17473): its box and flip, the teacher's top-k classes and probabilities, and p_gt, the teacher's
-probability of the ground-truth class (FerKD's calibration needs it even when that class is not in the top-k).
+Killed, a build is finished by re-running the same command; the finished file does not depend on where it
+stopped or on the number of processes (see `build`).
+
+A strong teacher is run once over R random-resized crops ("regions") of every training image (FKD, Shen &
+Xing, ECCV 2022). For each region we keep what the trainer needs to replay it and learn from it (FerKD, Shen
+et al., arXiv 2312.17473): its box and flip, the teacher's top-k classes and probabilities, and p_gt, the
+teacher's probability of the ground-truth class (FerKD's calibration needs it even when that class is not in
+the top-k).
 
 File layout (schema 1). The `.beton` is a plain FFCV file with four fields per image:
     image    RGBImageField   raw pixels (small images) or JPEG (imagefolder)
@@ -30,6 +35,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -57,7 +63,7 @@ class UserError(Exception):
 
 
 def run_cli(commands):
-    """fire.Fire over `commands`, turning UserError (and FFCV's/fire's usage errors) into one line + exit 2."""
+    """fire.Fire over `commands`, turning UserError into one line on stderr and exit status 2."""
     import fire
     try:
         fire.Fire(commands)
@@ -228,7 +234,7 @@ def load_dataset(data, split):
         img_path, lab_path = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
         if not img_path.exists():
             raise UserError(f"{img_path} not found: install Debian's dataset-fashion-mnist (./setup.sh does)")
-        x = np.pad(_read_idx(img_path), ((0, 0), (2, 2), (2, 2)))  # 28 -> 32 so crops and strides divide evenly
+        x = np.pad(_read_idx(img_path), ((0, 0), (2, 2), (2, 2)))  # 28 -> 32: crops and strides divide evenly
         y = _read_idx(lab_path).astype(np.int64)
         return Dataset(data, split, FASHION_MNIST_CLASSES, y, _gray_to_rgb(x), DATASETS[data]["res"])
     if data.startswith("imagefolder:"):
@@ -286,9 +292,11 @@ def _open_images(ds):
             raise UserError(f"cannot decode image {p}: {e}") from None
 
 
-def write_beton(path, ds, regions=None, num_workers=2):
+def write_beton(path, ds, regions=None, num_workers=2, quiet=False):
     """Write `ds` (and per-image region records) to an FFCV file at `path` (not atomic: callers write to a
-    temporary name and rename)."""
+    temporary name and rename). With one worker the bytes are a function of the inputs only."""
+    import functools
+    import ffcv.writer
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.writer import DatasetWriter
     _open_images(ds)
@@ -298,8 +306,13 @@ def write_beton(path, ds, regions=None, num_workers=2):
               "label": IntField(), "index": IntField()}
     if regions is not None:
         fields["regions"] = NDArrayField(np.dtype("uint8"), regions.shape[1:])
-    DatasetWriter(str(path), fields, num_workers=num_workers).from_indexed_dataset(
-        _FFCVSource(ds, regions, None), chunksize=256)
+    bar = ffcv.writer.tqdm
+    ffcv.writer.tqdm = functools.partial(bar, disable=quiet, desc="images", unit="img")  # its bar has no flag
+    try:
+        DatasetWriter(str(path), fields, num_workers=num_workers).from_indexed_dataset(
+            _FFCVSource(ds, regions, None), chunksize=256)
+    finally:
+        ffcv.writer.tqdm = bar
 
 
 def dataset_beton(data, split, cache_dir="data"):
@@ -348,7 +361,8 @@ class RegionCrop(SimpleRGBImageDecoder):  # FFCV takes a pipeline's first op as 
         max_pixels = int(self.metadata["width"].max()) * int(self.metadata["height"].max()) * 3
         out_shape = (n, self.res, self.res, 3)
         return (dataclasses.replace(previous_state, jit_mode=True, shape=out_shape, dtype=np.dtype("uint8")),
-                (AllocationQuery(out_shape, np.dtype("uint8")), AllocationQuery((max_pixels,), np.dtype("uint8"))))
+                (AllocationQuery(out_shape, np.dtype("uint8")),
+                 AllocationQuery((max_pixels,), np.dtype("uint8"))))
 
     def generate_code(self):
         from ffcv.fields.rgb_image import IMAGE_MODES
@@ -455,7 +469,8 @@ def read_header(path, rebuild_hint="re-run `python labels.py build ...`"):
     """Our header of a label file, after checking that the file is whole. Raises UserError otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"label file {path} not found; build it with `python labels.py build --out={path} ...`")
+        raise UserError(f"label file {path} not found; build it with "
+                        f"`python labels.py build --out={path} ...`")
     off, HeaderType = _alloc_ptr_offset()
     size = path.stat().st_size
     bad = f"{path} is truncated, corrupt or not a ferkd label file; {rebuild_hint}"
@@ -490,19 +505,9 @@ def read_regions(path, header):
     mm = np.memmap(path, np.uint8, mode="r")
     table = np.asarray(mm[ptrs[:, None] + np.arange(n_bytes)]).reshape(len(ptrs), header["regions"], -1)
     if zlib.crc32(table.tobytes()) != header["regions_crc32"]:
-        raise UserError(f"{path}: region records fail their checksum (corrupt file); re-run `python labels.py build`")
+        raise UserError(f"{path}: region records fail their checksum (corrupt file); "
+                        f"re-run `python labels.py build`")
     return table
-
-
-def write_regions(path, table):
-    """Write region records into their FFCV slots of an already written file (same shapes)."""
-    from ffcv.reader import Reader
-    reader = Reader(str(path))
-    ptrs = reader.metadata[f"f{reader.field_names.index('regions')}"].astype(np.int64)
-    mm = np.memmap(path, np.uint8, mode="r+")
-    mm[ptrs[:, None] + np.arange(table[0].size)] = table.reshape(len(table), -1)
-    mm.flush()
-    del mm
 
 # -----------------------------------------------------------------------------
 # Teachers
@@ -527,7 +532,8 @@ def load_teacher(spec, num_classes):
         import torchvision
         name, _, weights_file = spec.split(":", 1)[1].partition("@")
         if name not in TORCHVISION_TEACHERS:  # an allow-list: never resolve user strings to arbitrary code
-            raise UserError(f"teacher {name!r} not supported; choose one of {', '.join(TORCHVISION_TEACHERS)}")
+            raise UserError(f"teacher {name!r} not supported; "
+                            f"choose one of {', '.join(TORCHVISION_TEACHERS)}")
         if weights_file:
             if not Path(weights_file).is_file():
                 raise UserError(f"teacher weights {weights_file} not found")
@@ -542,7 +548,8 @@ def load_teacher(spec, num_classes):
     else:
         from ferkd import load_checkpoint
         model, ckpt = load_checkpoint(spec)
-        ident = dict(kind="ferkd", name=ckpt["config"]["arch"], checksum=file_sha256(spec), mean=MEAN, std=STD)
+        ident = dict(kind="ferkd", name=ckpt["config"]["arch"], checksum=file_sha256(spec), mean=MEAN,
+                     std=STD)
     model.eval()
     n_out = _num_outputs(model)
     if n_out != num_classes:
@@ -555,7 +562,17 @@ def _num_outputs(model):
     return last.out_features
 
 # -----------------------------------------------------------------------------
-# `labels.py build`
+# `labels.py build`: chunk by chunk, so it can be killed and resumed, and sharded with torchrun
+#
+# Images are cut into chunks of whole teacher batches; a chunk is the unit of both resume and sharding (rank r
+# takes chunks r, r + W, ...). While a build runs, beside --out:
+#   OUT.partial                 the FFCV file; each chunk's region records are patched into it in place
+#   OUT.partial.d/build.json    the configuration key, written once the FFCV file is whole (phase 1 done)
+#   OUT.partial.d/alloc.bin     FFCV's allocation table, so attaching our header can be redone after a kill
+#   OUT.partial.d/c000042.json  chunk 42's teacher hits, written after its records are flushed to the file
+# Small files are written under a temporary name and renamed, so a kill leaves the old or the new one, whole.
+# Every step is a function of the configuration only (fixed batches that start at chunk boundaries, fp32 on
+# CPU, no time stamps), so a resumed or sharded build gives the bytes of an uninterrupted one-process build.
 
 @dataclass(frozen=True)
 class BuildConfig:
@@ -566,12 +583,13 @@ class BuildConfig:
     k: int = 5                   # teacher classes kept per region
     temperature: float = 1.0     # T: teacher softmax temperature
     seed: int = 0                # regions are a function of (seed, image index)
-    res: int = 0                 # crop resolution the teacher sees and the student trains at; 0: dataset default
+    res: int = 0                 # crop side the teacher sees and the student trains at; 0: dataset default
     scale_min: float = 0.08      # RandomResizedCrop area range (FKD's)
-    batch_size: int = 256        # crops per teacher forward
+    batch_size: int = 256        # crops per teacher forward (R regions + the whole image per image)
+    chunk: int = 1024            # images per chunk, the unit of resume and sharding (whole batches)
     num_workers: int = 2         # FFCV decoding threads
     device: str = "auto"         # auto | cpu | cuda
-    overwrite: bool = False      # replace an existing --out
+    overwrite: bool = False      # replace an existing --out, or discard an unfinished build of another config
 
 
 def parse_config(cls, kwargs):
@@ -598,12 +616,12 @@ def parse_config(cls, kwargs):
     return cls(**out)
 
 
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
+def pick_device(name, local_rank=0):
+    if name not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device("cpu")
 
 
 def check_build_config(c):
@@ -611,92 +629,216 @@ def check_build_config(c):
         raise UserError("--out=FILE.beton is required")
     if not c.teacher:
         raise UserError("--teacher=CKPT or --teacher=torchvision:NAME is required")
-    if c.regions < 1 or c.k < 1 or c.batch_size < 1 or c.temperature <= 0:
-        raise UserError("--regions, --k, --batch_size and --temperature must be positive")
+    if c.regions < 1 or c.k < 1 or c.batch_size < 1 or c.chunk < 1 or c.temperature <= 0:
+        raise UserError("--regions, --k, --batch_size, --chunk and --temperature must be positive")
     if not 0 < c.scale_min <= 1:
         raise UserError("--scale_min must be in (0, 1]")
-    if Path(c.out).exists() and not c.overwrite:
-        raise UserError(f"{c.out} exists; pass --overwrite to replace it")
     if not Path(c.out).resolve().parent.is_dir():
         raise UserError(f"output directory {Path(c.out).parent} does not exist")
 
 
+def setup_distributed():
+    """(rank, world, local_rank) from torchrun's environment; one process without it. gloo even on GPUs: the
+    ranks only exchange barriers (the teacher's results meet in the shared file, not in collectives)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1, 0
+    import datetime
+    import torch.distributed as dist
+    # phase 1 (rank 0 writes the whole FFCV file) can take an hour at ImageNet scale: wait that long
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=6))
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def barrier():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def write_atomic(path, data):
+    """Write bytes to `path` through a temporary name and a rename, so a reader never sees half of them."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def previous_build(c, key, out, partial, state):
+    """What an earlier run of this command left: "fresh" (nothing usable), "resume" (phase 1 done) or
+    "finished" (renamed, only the clean-up was cut short). Reads only, so every rank can call it."""
+    try:
+        old = json.loads((state / "build.json").read_text())["key"]
+    except (OSError, ValueError, KeyError):
+        old = None  # no state, or killed before phase 1 finished: that work is redone
+    if old is not None and old != key:
+        if not c.overwrite:
+            diff = sorted(n for n in set(key) | set(old) if key.get(n) != old.get(n))
+            raise UserError(f"{partial} is an unfinished build with another configuration (differs in "
+                            f"{', '.join(diff)}); re-run its command to finish it, "
+                            f"or pass --overwrite to discard it")
+        old = None
+    if old is not None and partial.is_file():
+        return "resume"
+    if old is not None and out.is_file():
+        return "finished"
+    if out.exists() and not c.overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    return "fresh"
+
+
+def restore_alloc_table(partial, state):
+    """Put FFCV's allocation table back where the writer left it (undoing a cut-short `attach_header`)."""
+    off, _ = _alloc_ptr_offset()
+    ptr = json.loads((state / "build.json").read_text())["alloc_table_ptr"]
+    with open(partial, "r+b") as f:
+        f.seek(ptr)
+        f.write((state / "alloc.bin").read_bytes())
+        f.truncate()
+        f.seek(off)
+        f.write(struct.pack("<Q", ptr))
+
+
+def region_slots(path):
+    """(N,) int64 file offsets of each image's region record, from FFCV's metadata."""
+    from ffcv.reader import Reader
+    reader = Reader(str(path))
+    return reader.metadata[f"f{reader.field_names.index('regions')}"].astype(np.int64)
+
+
 @torch.no_grad()
 def teacher_probs(model, x, device, temperature):
+    # bf16 only on GPUs; fp32 on CPU keeps CPU builds exact, so tests can compare files byte for byte
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(x.to(device))
     return F.softmax(logits.float() / temperature, dim=1)
 
 
 def build(**flags):
-    """Build a label file: write the images with region boxes, run the teacher on every region through the
-    trainer's own decoder, store its top-k, p_gt, then the header; rename into place at the end."""
+    """Build a label file: write the images with region boxes (phase 1), run the teacher on every region
+    through the trainer's own decoder chunk by chunk and patch its top-k and p_gt in (phase 2), then attach
+    the header and rename into place (phase 3). Killed and re-run, it goes on where it stopped; under torchrun
+    each rank takes every W-th chunk. The bytes depend on neither."""
     c = parse_config(BuildConfig, flags)
     check_build_config(c)
     from tqdm import tqdm
-    device = pick_device(c.device)
+    rank, world, local_rank = setup_distributed()
+    device = pick_device(c.device, local_rank)
     ds = load_dataset(c.data, "train")
     res = c.res or ds.res
-    C, N, R, k = len(ds.classes), len(ds.labels), c.regions, c.k
+    C, N, R, k, D = len(ds.classes), len(ds.labels), c.regions, c.k, region_bytes(c.k)
     if k > C or C > 32768:
         raise UserError(f"--k={k} must be at most the class count {C} (<= 32768)")
     model, teacher_id = load_teacher(c.teacher, C)
     model.to(device).to(memory_format=torch.channels_last)
+    per_batch = max(1, c.batch_size // (R + 1))  # images per teacher forward
+    chunk = -(-c.chunk // per_batch) * per_batch  # whole batches, so batches never straddle two chunks
+    n_chunks = -(-N // chunk)
+    fingerprint = ds.fingerprint()
+    # everything that can change a byte of the output: a partial build is only resumed under the same key
+    key = json.loads(json.dumps(dict(
+        schema=SCHEMA_VERSION, data=ds.name, fingerprint=fingerprint, teacher=teacher_id, regions=R, k=k,
+        temperature=c.temperature, seed=c.seed, res=res, scale_min=c.scale_min, batch_images=per_batch,
+        chunk=chunk, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch=torch.__version__)))
+    out = Path(c.out)
+    partial, state = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.d")
     t0 = time.time()
+    mode = previous_build(c, key, out, partial, state)
+    barrier()  # every rank has read the old state before rank 0 changes it
 
-    # 1. boxes and flips: a function of (seed, image index) only, so any process can rebuild any image's
+    # 1. boxes and flips: a function of (seed, image index) only, so every rank computes the same ones
     boxes = np.empty((N, R, 4), np.uint8)
     flips = np.empty((N, R), bool)
     for i in range(N):
         b, f = random_boxes(np.random.default_rng([c.seed, i]), R, scale=(c.scale_min, 1.0))
         boxes[i], flips[i] = quantize_boxes(b), f
-    D = region_bytes(k)
-    table = pack_regions(boxes, flips, np.zeros((N, R, k), np.int64), np.zeros((N, R, k)), np.zeros((N, R)))
-    out = Path(c.out)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    try:
-        write_beton(tmp, ds, table, c.num_workers)
+    if rank == 0 and mode == "finished":
+        shutil.rmtree(state)
+    if rank == 0 and mode == "fresh":
+        shutil.rmtree(state, ignore_errors=True)
+        partial.unlink(missing_ok=True)
+        zeros = np.zeros((N, R, k))
+        table = pack_regions(boxes, flips, zeros.astype(np.int64), zeros, zeros[..., 0])
+        # one writer process: FFCV's workers take chunks from a queue, so with several the layout would vary
+        write_beton(partial, ds, table, num_workers=1, quiet=not sys.stderr.isatty())
+        del table
+        state.mkdir()
+        ptr = int(np.fromfile(partial, dtype=_alloc_ptr_offset()[1], count=1)[0]["alloc_table_ptr"])
+        with open(partial, "rb") as f:
+            f.seek(ptr)
+            write_atomic(state / "alloc.bin", f.read())
+        write_atomic(state / "build.json", json.dumps(dict(key=key, alloc_table_ptr=ptr)).encode())
+    barrier()
+    if mode == "finished":
+        print(f"{out} was already built; removed the leftover {state}")
+        return None
 
-        # 2. the teacher on every region, replayed by the student's decoder
-        heights, widths = image_sizes(tmp)
-        plan = np.concatenate([box_pixels(boxes, heights[:, None], widths[:, None]),
-                               flips[..., None].astype(np.int32)], axis=-1).astype(np.int32)
-        ids, probs, pgt = np.zeros((N, R, k), np.int64), np.zeros((N, R, k)), np.zeros((N, R))
-        region_hits, per_batch = 0, max(1, c.batch_size // R)
-        loader = region_loader(tmp, plan, res, per_batch, c.num_workers)
-        for images, labels, index in tqdm(loader, desc="teacher", unit="batch", disable=not sys.stderr.isatty()):
-            p = teacher_probs(model, to_model_input(images, device, teacher_id["mean"], teacher_id["std"]),
-                              device, c.temperature).view(len(index), R, C).cpu()
-            top_p, top_i = p.topk(k, dim=2)
-            gt = p.gather(2, labels.view(-1, 1, 1).expand(-1, R, 1)).squeeze(2)
-            idx = index.numpy()
-            ids[idx], probs[idx], pgt[idx] = top_i.numpy(), top_p.double().numpy(), gt.double().numpy()
-            region_hits += (top_i[..., 0] == labels.view(-1, 1)).sum().item()
-        table = pack_regions(boxes, flips, ids, probs, pgt)
-        write_regions(tmp, table)
-
-        # 3. whole-image accuracy, for the record
-        full = np.concatenate([box_pixels(full_boxes(N), heights, widths), np.zeros((N, 1), np.int32)], axis=1)
-        full = np.ascontiguousarray(full[:, None, :]).astype(np.int32)
-        image_hits = 0
-        for images, labels, _ in region_loader(tmp, full, res, 256, c.num_workers):
+    # 2. the teacher on every region and on the whole image, replayed by the student's decoder
+    heights, widths = image_sizes(partial)
+    plan = np.concatenate([box_pixels(boxes, heights[:, None], widths[:, None]),
+                           flips[..., None].astype(np.int32)], axis=-1)
+    full = np.concatenate([box_pixels(full_boxes(N), heights, widths), np.zeros((N, 1), np.int32)], axis=1)
+    plan = np.ascontiguousarray(np.concatenate([plan, full[:, None]], axis=1), dtype=np.int32)  # (N, R+1, 5)
+    mine = range(rank, n_chunks, world)
+    todo = [i for i in mine if not (state / f"c{i:06d}.json").exists()]
+    if rank == 0:
+        print(f"{N} images in {n_chunks} chunks of {chunk}, {world} process(es); "
+              f"this rank: {len(todo)} chunks to do, {len(mine) - len(todo)} done before", flush=True)
+    if todo:
+        slots = region_slots(partial)
+        mm = np.memmap(partial, np.uint8, mode="r+")
+        indices = np.concatenate([np.arange(i * chunk, min(N, (i + 1) * chunk)) for i in todo])
+        loader = region_loader(partial, plan, res, per_batch, c.num_workers, indices=indices)
+        bar = tqdm(total=len(indices) * (R + 1), desc=f"teacher ({device.type})", unit="crop",
+                   unit_scale=True,
+                   disable=rank != 0 or not sys.stderr.isatty())
+        hits = np.zeros(2, np.int64)  # this chunk's (region top-1, whole-image top-1) hits
+        for images, labels, index in loader:
             x = to_model_input(images, device, teacher_id["mean"], teacher_id["std"])
-            p = teacher_probs(model, x, device, 1.0)
-            image_hits += (p.argmax(1).cpu() == labels).sum().item()
+            p = teacher_probs(model, x, device, c.temperature).view(len(index), R + 1, C).cpu()
+            top_p, top_i = p[:, :R].topk(k, dim=2)                        # (B, R, k)
+            gt = p[:, :R].gather(2, labels.view(-1, 1, 1).expand(-1, R, 1)).squeeze(2)  # (B, R) p_gt
+            idx = index.numpy().astype(np.int64)
+            rec = pack_regions(boxes[idx], flips[idx], top_i.numpy(), top_p.double().numpy(),
+                               gt.double().numpy())
+            mm[slots[idx, None] + np.arange(R * D)] = rec.reshape(len(idx), R * D)
+            hits += [(top_i[..., 0] == labels.view(-1, 1)).sum().item(),
+                     (p[:, R].argmax(1) == labels).sum().item()]
+            bar.update(len(idx) * (R + 1))
+            ci = int(idx[0]) // chunk
+            if idx[-1] == min(N, (ci + 1) * chunk) - 1:  # its last batch: make the chunk durable, then say so
+                mm.flush()
+                write_atomic(state / f"c{ci:06d}.json", json.dumps(dict(region_hits=int(hits[0]),
+                                                                         image_hits=int(hits[1]))).encode())
+                hits[:] = 0
+        bar.close()
+        del mm
+    barrier()
+    if rank != 0:
+        return None
 
-        header = dict(schema=SCHEMA_VERSION, dataset=ds.name, fingerprint=ds.fingerprint(), images=N,
-                      classes=ds.classes, num_classes=C, teacher=teacher_id, temperature=c.temperature, k=k,
-                      regions=R, seed=c.seed, res=res, scale=[c.scale_min, 1.0], ratio=[3 / 4, 4 / 3],
-                      region_bytes=D, quantization="uint8 round(255 p); uint16 ids, flip in bit 15 of ids[0]",
-                      regions_crc32=zlib.crc32(table.tobytes()),
-                      teacher_region_top1=region_hits / (N * R), teacher_image_top1=image_hits / N,
-                      built=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        attach_header(tmp, header)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # 3. header (the teacher's accuracies summed over every chunk, whoever computed it), rename, clean up
+    done = [json.loads((state / f"c{i:06d}.json").read_text()) for i in range(n_chunks)]
+    region_hits, image_hits = sum(d["region_hits"] for d in done), sum(d["image_hits"] for d in done)
+    restore_alloc_table(partial, state)
+    slots = region_slots(partial)
+    mm = np.memmap(partial, np.uint8, mode="r")
+    table = np.asarray(mm[slots[:, None] + np.arange(R * D)])
+    del mm
+    header = dict(schema=SCHEMA_VERSION, dataset=ds.name, fingerprint=fingerprint, images=N,
+                  classes=ds.classes, num_classes=C, teacher=teacher_id, temperature=c.temperature, k=k,
+                  regions=R, seed=c.seed, res=res, scale=[c.scale_min, 1.0], ratio=[3 / 4, 4 / 3],
+                  region_bytes=D, quantization="uint8 round(255 p); uint16 ids, flip in bit 15 of ids[0]",
+                  regions_crc32=zlib.crc32(table.tobytes()), teacher_device=key["device"],
+                  teacher_batch_images=per_batch, teacher_region_top1=region_hits / (N * R),
+                  teacher_image_top1=image_hits / N)
+    attach_header(partial, header)
+    os.replace(partial, out)
+    shutil.rmtree(state)
     print(f"wrote {out}: {N} images x {R} regions, {D} bytes/region (labels {N * R * D / 2**20:.1f} MiB), "
-          f"teacher top-1 {100 * region_hits / (N * R):.2f}% on regions, {100 * image_hits / N:.2f}% on images, "
+          f"teacher top-1 {100 * region_hits / (N * R):.2f}% on regions, "
+          f"{100 * image_hits / N:.2f}% on images, "
           f"{time.time() - t0:.0f} s")
     return None
 

@@ -1,0 +1,75 @@
+"""`labels.py build` survives SIGKILL and shards over torchrun, and neither changes a byte of its output
+(issues 5 and 6). All on digits with the session's teacher; each build takes a few seconds."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, cli
+from test_pipeline import one_error_line
+
+pytestmark = pytest.mark.timeout(300)
+CHUNKS = 36  # 1437 images / 40 per chunk (--chunk=40, 10 images x 7 crops per teacher batch)
+
+
+def build_args(ckpt, out, *extra):
+    return ["labels.py", "build", "--data=digits", f"--teacher={ckpt}", f"--out={out}", "--regions=6",
+            "--seed=3", "--batch_size=70", "--chunk=40", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(built, tmp_path_factory):
+    """An uninterrupted one-process build: the bytes every other way of building must reproduce."""
+    ckpt, _ = built
+    out = tmp_path_factory.mktemp("ref") / "ref.beton"
+    p = cli(*build_args(ckpt, out))
+    assert f"{CHUNKS} chunks" in p.stdout and "0 done before" in p.stdout, p.stdout
+    assert not list(out.parent.glob("*.partial*"))  # the resume state is cleaned up
+    return out
+
+
+def test_killed_build_resumes_to_the_same_bytes(built, reference, tmp_path):
+    import labels
+    ckpt, _ = built
+    out = tmp_path / "l.beton"
+    partial, state = tmp_path / "l.beton.partial", tmp_path / "l.beton.partial.d"
+    proc = subprocess.Popen([sys.executable, *build_args(ckpt, out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 200
+    while not (state.is_dir() and any(state.glob("c*.json"))):  # at least one chunk done: kill mid-teacher
+        assert proc.poll() is None and time.time() < deadline, "the build ended before it could be killed"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(state.glob("c*.json")))
+    assert 1 <= done < CHUNKS and partial.is_file() and not out.exists()
+
+    # another configuration does not touch the unfinished build
+    before = partial.read_bytes()
+    line = one_error_line(cli(*build_args(ckpt, out, "--seed=4"), check=False))
+    assert "another configuration" in line and "seed" in line
+    assert partial.read_bytes() == before and len(list(state.glob("c*.json"))) == done
+
+    # a header attached to the unfinished file (as if a kill had cut phase 3 short) is undone on resume
+    labels.attach_header(partial, {"schema": labels.SCHEMA_VERSION})
+
+    p = cli(*build_args(ckpt, out))
+    assert f"{CHUNKS - done} chunks to do, {done} done before" in p.stdout, p.stdout
+    assert out.read_bytes() == reference.read_bytes()
+    assert not partial.exists() and not state.exists()
+
+
+def test_two_processes_give_the_same_bytes(built, reference, tmp_path):
+    import labels
+    ckpt, _ = built
+    out = tmp_path / "l2.beton"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *build_args(ckpt, out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 process(es)" in p.stdout and f"{CHUNKS // 2} chunks to do" in p.stdout, p.stdout
+    assert out.read_bytes() == reference.read_bytes()
+    header = labels.read_header(out)
+    assert 0.3 < header["teacher_region_top1"] <= 1 and 0.5 < header["teacher_image_top1"] <= 1
