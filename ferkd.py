@@ -3,13 +3,19 @@ Train a student from stored region soft labels: FKD (Shen & Xing, ECCV 2022) and
 
     python ferkd.py train --data=fashion-mnist --kd=none --arch=small64 --run_dir=runs/teacher
     python labels.py build --data=fashion-mnist --teacher=runs/teacher/final.pt --out=data/fm.beton
-    python ferkd.py train --data=fashion-mnist --labels=data/fm.beton --kd=fkd --arch=small16 --run_dir=runs/fkd
+    python ferkd.py train --data=fashion-mnist --labels=data/fm.beton --kd=fkd --arch=small16 \
+        --run_dir=runs/fkd
     torchrun --nproc_per_node=8 ferkd.py train ...     # one process per device
+    python ferkd.py eval --ckpt=runs/fkd/final.pt      # top-1, top-5, per-class accuracy
+    python ferkd.py export --ckpt=runs/fkd/final.pt --out=fkd.pt2
+    python ferkd.py plot runs/teacher runs/fkd         # top-1 vs epoch and vs wall time -> runs/plot.png
 
 Modes: `--kd=none` trains with RandomResizedCrop and label-smoothed cross-entropy (no label file, the baseline
 and the way to train a teacher); `--kd=fkd` replays the stored regions of a label file and learns from the
 teacher's top-k soft labels, never running a teacher; `--kd=ferkd` adds FerKD's calibration by p_gt.
 The final line printed is a JSON object of the final metrics; `RUN_DIR/final.pt` holds the student.
+Checkpoints (`RUN_DIR/ckpt-STEP.pt`, every --ckpt_every steps and each epoch) resume bit-exactly on CPU:
+re-run the same command, or add --resume to insist on it.
 """
 import dataclasses
 import json
@@ -26,10 +32,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from tqdm import tqdm
 
-from labels import (UserError, box_pixels, center_boxes, dataset_beton, full_boxes, image_sizes, load_dataset,
-                    parse_config, pick_device, quantize_boxes, random_boxes, read_header, read_regions,
-                    region_loader, run_cli, to_model_input, unpack_regions)
+from labels import (DATASETS, UserError, box_pixels, center_boxes, dataset_beton, full_boxes, image_sizes,
+                    load_dataset, parse_config, pick_device, quantize_boxes, random_boxes, read_header,
+                    read_regions, region_loader, run_cli, to_model_input, unpack_regions)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -42,7 +49,7 @@ class TrainConfig:
     arch: str = "small32"         # see ARCHS
     epochs: int = 5
     batch_size: int = 256         # images per optimizer step, all processes together
-    crops: int = 1                # regions decoded per image per step (FKD's num_crops); rows = batch_size*crops
+    crops: int = 1                # regions decoded per image per step (FKD's num_crops); rows: batch*crops
     lr: float = 0.2               # peak SGD learning rate for batch_size*crops = 256 rows, scaled linearly
     momentum: float = 0.9
     weight_decay: float = 5e-5
@@ -64,8 +71,18 @@ class TrainConfig:
     num_workers: int = 2          # FFCV decoding threads per process
     device: str = "auto"          # auto | cpu | cuda
     amp: bool = True              # bf16 autocast (fp16 + GradScaler where bf16 is unsupported)
-    compile: bool = False         # torch.compile the model (in place)
-    overwrite: bool = False       # allow an existing run_dir
+    compile: str = "auto"         # true | false | auto: torch.compile the model in place; auto = on CUDA only
+    ckpt_every: int = 1000        # steps between checkpoints (and one at each epoch's end); 0: epochs only
+    keep_ckpts: int = 2           # how many of the newest ckpt-STEP.pt files to keep
+    resume: bool = False          # insist on resuming (an error if run_dir holds no checkpoint)
+    overwrite: bool = False       # discard what run_dir holds and start again
+
+
+# Flags that may change between a run and its resumption: they do not change what is computed
+# (device: a run may move machines, at the price of bit-exactness)
+RESUME_HARMLESS = {"run_dir", "num_workers", "device", "compile", "ckpt_every", "keep_ckpts", "resume",
+                   "overwrite"}
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def check_config(c):
@@ -75,7 +92,7 @@ def check_config(c):
         raise UserError(f"--kd={c.kd} needs --labels=FILE.beton (build it with `python labels.py build`)")
     if c.arch not in ARCHS:
         raise UserError(f"unknown --arch={c.arch}; choose one of {', '.join(ARCHS)}")
-    for name in ("epochs", "batch_size", "crops", "num_workers"):
+    for name in ("epochs", "batch_size", "crops", "num_workers", "keep_ckpts"):
         if getattr(c, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(c, name)}")
     if c.lr <= 0 or c.weight_decay < 0 or not 0 <= c.momentum < 1 or c.warmup_epochs < 0:
@@ -93,8 +110,16 @@ def check_config(c):
         raise UserError("--mix mixes stored regions and their labels: use it with --kd=fkd or --kd=ferkd")
     if c.mix != "none" and c.mix_source == "self" and c.crops < 2:
         raise UserError("SelfMix mixes two regions of one image: it needs --crops >= 2")
-    if c.subset < 0 or c.res < 0:
-        raise UserError("--subset and --res must be >= 0")
+    if c.subset < 0 or c.res < 0 or c.ckpt_every < 0:
+        raise UserError("--subset, --res and --ckpt_every must be >= 0")
+    if c.compile.lower() not in (*BOOL_WORDS, "auto"):
+        raise UserError(f"--compile takes true or false (or auto: on CUDA only), got {c.compile!r}")
+
+
+def use_compile(c, device):
+    """auto: compile on CUDA only. On this CPU a cold compile costs 1-2 min against a ~1.07x steady gain
+    (NOTES.md), which small CPU runs never earn back."""
+    return device.type == "cuda" if c.compile.lower() == "auto" else BOOL_WORDS[c.compile.lower()]
 
 # -----------------------------------------------------------------------------
 # Distributed: torchrun sets the environment, one process per device; plain `python` is one process
@@ -106,7 +131,7 @@ def setup_distributed(device_name):
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if world > 1 and not dist.is_initialized():  # before the loaders: FFCV's distributed order needs it
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
@@ -116,7 +141,7 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 # -----------------------------------------------------------------------------
-# Models
+# Models and checkpoints
 
 def small_resnet(width, num_classes):
     """A three-stage ResNet for 16-32 px images (CIFAR-style stem, one basic block per stage)."""
@@ -127,7 +152,8 @@ def small_resnet(width, num_classes):
     w = width
     return nn.Sequential(
         nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-        BasicBlock(w, w), BasicBlock(w, 2 * w, 2, down(w, 2 * w)), BasicBlock(2 * w, 4 * w, 2, down(2 * w, 4 * w)),
+        BasicBlock(w, w), BasicBlock(w, 2 * w, 2, down(w, 2 * w)),
+        BasicBlock(2 * w, 4 * w, 2, down(2 * w, 4 * w)),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes))
 
 
@@ -144,34 +170,51 @@ def build_model(arch, num_classes):
     return ARCHS[arch](num_classes)
 
 
-def save_checkpoint(path, model, optimizer, epoch, config, header, classes):
-    """Atomic: a killed or failed save leaves the previous file whole."""
-    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
-                 config=dataclasses.asdict(config), label_header=header, classes=list(classes))
-    tmp = Path(str(path) + f".tmp{os.getpid()}")
+def atomic_write(path, write):
+    """write(tmp_path), then rename over `path`: a killed or failed write leaves the previous file whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
     try:
-        torch.save(state, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        raise UserError(f"could not write checkpoint {path}: {e}") from None
+        raise UserError(f"could not write {path}: {e}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path):
-    """(model, checkpoint dict) from a file written by `save_checkpoint`; loads tensors only (no pickles)."""
+def save_checkpoint(path, state):
+    """`state` holds at least model, config (with arch) and classes: what `load_checkpoint` needs."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, arch=None):
+    """(model, checkpoint dict) from a file written by `save_checkpoint`; loads tensors only (no pickles).
+    With `arch`, a checkpoint of another architecture is refused."""
     if not Path(path).is_file():
         raise UserError(f"checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        arch = ckpt["config"]["arch"]
+        ckpt_arch = ckpt["config"]["arch"]
     except Exception as e:  # torch raises many types for a damaged file
         raise UserError(f"{path} is not a readable ferkd checkpoint ({type(e).__name__})") from None
-    if arch not in ARCHS:
-        raise UserError(f"{path} names unknown architecture {arch!r}")
-    model = build_model(arch, len(ckpt["classes"]))
-    model.load_state_dict(ckpt["model"])
+    if ckpt_arch not in ARCHS:
+        raise UserError(f"{path} names unknown architecture {ckpt_arch!r}")
+    if arch is not None and arch != ckpt_arch:
+        raise UserError(f"{path} holds a {ckpt_arch} model, not --arch={arch}")
+    model = build_model(ckpt_arch, len(ckpt["classes"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:  # its message lists every mismatched tensor: one line is enough
+        raise UserError(f"{path}: its weights do not fit architecture {ckpt_arch} with "
+                        f"{len(ckpt['classes'])} classes") from None
     return model, ckpt
+
+
+def checkpoint_res(ckpt):
+    """The input resolution a checkpoint was trained at (older checkpoints did not store it)."""
+    data = ckpt["config"]["data"]
+    return ckpt.get("res") or ckpt["config"].get("res") or DATASETS.get(data, dict(res=224))["res"]
 
 # -----------------------------------------------------------------------------
 # Data: which regions each epoch replays, and the targets the loss sees
@@ -231,7 +274,8 @@ def region_targets(table, k, index, choice, device):
 
 def kd_loss(c, table, k):
     """Soft-label loss over stored regions through the fused FerKD loss (FKD: thresholds 0, 0, 1).
-    `partner`/`share` come from `mix_batch`: row r mixes its own region (weight share) with row partner[r]'s."""
+    `partner`/`share` come from `mix_batch`: row r mixes its own region (weight share) with row
+    partner[r]'s."""
     from kernels_triton import ferkd_loss
     table = torch.from_numpy(table)
 
@@ -239,8 +283,8 @@ def kd_loss(c, table, k):
         ids, probs, pgt = region_targets(table, k, index, choice, logits.device)
         ids, probs, pgt = (torch.stack([t, t[partner]], 1) for t in (ids, probs, pgt))  # M = 2 regions a row
         if c.mix_source == "batch":  # the partner is another image: its hard region's truth is its own class
-            ids[:, 1], probs[:, 1], pgt[:, 1] = as_soft_label(ids[:, 1], probs[:, 1], pgt[:, 1], labels[partner],
-                                                              logits.shape[1], c)
+            ids[:, 1], probs[:, 1], pgt[:, 1] = as_soft_label(ids[:, 1], probs[:, 1], pgt[:, 1],
+                                                              labels[partner], logits.shape[1], c)
         mix = torch.stack([share, 1 - share], 1)
         return ferkd_loss(logits, ids, probs, pgt, labels, mix, t_low=c.t_low, t_mid=c.t_mid, t_top=c.t_top,
                           eps=c.eps)
@@ -250,7 +294,8 @@ def kd_loss(c, table, k):
 def as_soft_label(ids, probs, pgt, truth, C, c):
     """A region's FerKD target written as a kept teacher label, for a region mixed into a row of another class
     (ferkd_loss applies the hard-region rule with the row's class). A softened one-hot is a top-k label with
-    1 - eps on the truth and eps/(C-1) on k-1 other classes, the rest spread evenly: exactly eps/(C-1) each."""
+    1 - eps on the truth and eps/(C-1) on k-1 other classes, the rest spread evenly: exactly eps/(C-1)
+    each."""
     from kernels_triton import region_category
     cat = region_category(pgt, c.t_low, c.t_mid, c.t_top)
     k = ids.shape[1]
@@ -258,14 +303,14 @@ def as_soft_label(ids, probs, pgt, truth, C, c):
     hard_probs = torch.full_like(probs, c.eps / (C - 1))
     hard_probs[:, 0] = 1 - c.eps
     hard = (cat == 1)[:, None]
-    kept_soft = torch.full_like(pgt, max(c.t_mid, c.t_low))  # a p_gt that ferkd_loss files as a kept soft region
+    kept_soft = torch.full_like(pgt, max(c.t_mid, c.t_low))  # a p_gt ferkd_loss files as a kept soft region
     return (torch.where(hard, hard_ids, ids), torch.where(hard, hard_probs, probs),
             torch.where(cat == 1, kept_soft, pgt))
 
 
 def mix_batch(c, generator):
-    """SelfMix (FerKD): each row's region gets a patch of (cutmix) or is blended with (mixup) another region of
-    the same image; `--mix_source=batch` takes it from another image instead (ordinary CutMix/Mixup).
+    """SelfMix (FerKD): each row's region gets a patch of (cutmix) or is blended with (mixup) another region
+    of the same image; `--mix_source=batch` takes it from another image instead (ordinary CutMix/Mixup).
     Returns mix(x) -> (x, partner (rows,), share (rows,)): share is the exact fraction of the row that is its
     own region (the pasted area for cutmix), so labels mix by area. Vectorized on the device."""
     def none(x, n):
@@ -309,11 +354,47 @@ def lr_at(step, total, warmup, peak):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def make_train_step(model, optimizer, scaler, loss_fn, mix_fn, amp_dtype, device, crops):
+    """One optimizer step on a batch of decoded regions; returns the loss as a device tensor (no host sync:
+    the caller checks losses for NaN/Inf in one transfer at each checkpoint). `model` may be compiled in place
+    and/or wrapped in DDP; `loss_fn` and `mix_fn` carry the mode, chosen once before the loop."""
+    def train_step(images_u8, labels, index, choice):
+        x, partner, share = mix_fn(to_model_input(images_u8, device), crops)
+        labels = labels.to(device, non_blocking=True).repeat_interleave(crops)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)                                       # (B*crops, C)
+        loss = loss_fn(logits, labels, index, choice, partner, share)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach()
+    return train_step
+
+
+def epoch_batches(loader, epoch, skip=0):
+    """FFCV's batches of `epoch`, starting after the first `skip` (a resumed epoch). RANDOM order is a
+    function of (seed, epoch) only: np.random.default_rng(seed + epoch) in one process,
+    DistributedSampler(seed) with set_epoch(epoch) under DDP (ffcv/traversal_order/random.py), so setting
+    `next_epoch` replays it. Skipping repeats the steps of ffcv.loader.Loader.__iter__ with a shortened order:
+    skipped images are not decoded."""
+    loader.next_epoch = epoch
+    if not skip:
+        return iter(loader)
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv.pipeline.compiler import Compiler
+    Compiler.set_num_threads(loader.num_workers)  # as __iter__ does (it also sets torch's thread count)
+    order = loader.next_traversal_order()[:len(loader) * loader.batch_size]
+    loader.next_epoch += 1
+    return EpochIterator(loader, order[skip * loader.batch_size:])
+
+
 @torch.no_grad()
-def evaluate(model, loader, device, amp_dtype):
-    """Top-1/top-5 over the whole test split; exact under DDP (each image counted once, sums all-reduced)."""
+def evaluate(model, loader, device, amp_dtype, num_classes):
+    """Top-1/top-5 over the whole test split, and per class; exact under DDP (each image counted once, sums
+    all-reduced). Returns (metrics dict, per-class (C, 3) float64 tensor: top-1 hits, top-5 hits, images)."""
     model.eval()
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # top1 hits, top5 hits, images
+    sums = torch.zeros(num_classes, 3, device=device, dtype=torch.float64)
     for images, labels, _ in loader:
         x = to_model_input(images, device)
         labels = labels.to(device)
@@ -321,12 +402,13 @@ def evaluate(model, loader, device, amp_dtype):
             logits = model(x)
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
-        sums += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
+        row = torch.stack([hits[:, 0], hits.any(1), torch.ones_like(hits[:, 0])], 1)  # (B, 3)
+        sums.index_add_(0, labels, row.double())
     if dist.is_initialized():
         dist.all_reduce(sums)
     model.train()
-    top1, top5, n = sums.tolist()
-    return dict(top1=100 * top1 / n, top5=100 * top5 / n)
+    top1, top5, n = sums.sum(0).tolist()
+    return dict(top1=100 * top1 / n, top5=100 * top5 / n, test_images=int(n)), sums.cpu()
 
 
 def eval_loader(data, res, batch_size, num_workers, rank, world):
@@ -339,7 +421,130 @@ def eval_loader(data, res, batch_size, num_workers, rank, world):
     return region_loader(path, plan.astype(np.int32), res, batch_size, num_workers, indices=shard), ds
 
 # -----------------------------------------------------------------------------
+# Resume: what a checkpoint holds beyond the model, and which run directory may be continued
+
+def rng_states(generator, device):
+    """Every random stream the step draws from, for each rank (gathered on rank 0: a collective). The region
+    plans need none: they are functions of (seed, epoch)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8)
+    mine = dict(torch=torch.get_rng_state(), mix=generator.get_state(), cuda=cuda)
+    if not dist.is_initialized():
+        return [mine]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def set_rng_states(states, rank, generator, device):
+    mine = states[rank % len(states)]  # a changed world size resumes, but not bit-exactly
+    torch.set_rng_state(mine["torch"])
+    generator.set_state(mine["mix"])
+    if device.type == "cuda" and len(mine["cuda"]):
+        torch.cuda.set_rng_state(mine["cuda"], device)
+
+
+def checkpoints(run_dir):
+    """ckpt-STEP.pt files of a run directory, oldest first."""
+    return sorted(Path(run_dir).glob("ckpt-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+
+
+def config_differences(saved, config, header, saved_header):
+    """Flags whose values differ from the run directory's config (harmless ones excepted), and whether the
+    label file changed (its header, apart from the build time)."""
+    defaults = dataclasses.asdict(TrainConfig())
+    diff = [f"--{k}={saved.get(k, defaults[k])!r} -> {v!r}" for k, v in dataclasses.asdict(config).items()
+            if k not in RESUME_HARMLESS and saved.get(k, defaults[k]) != v]
+    strip = lambda h: {k: v for k, v in (h or {}).items() if k != "built"}
+    if strip(header) != strip(saved_header):
+        diff.append(f"--labels={config.labels}: the label file's header changed")
+    return diff
+
+
+def run_metadata(device):
+    """What reproducing a run needs besides its config: library versions, git revision, device."""
+    import importlib.metadata
+    import platform
+    import subprocess
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "numpy", "ffcv", "numba", "triton", "fire"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    here = Path(__file__).resolve().parent
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True,
+                                        timeout=10).stdout
+        revision = git("rev-parse", "HEAD").strip() or None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except OSError:
+        revision, dirty = None, None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        model = [l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")]
+        name = f"{model[0] if model else platform.processor()}, {os.cpu_count()} cores"
+    return dict(versions=versions, git_revision=revision, git_dirty=dirty, device_name=name,
+                host=platform.node())
+
+# -----------------------------------------------------------------------------
 # `ferkd.py train`
+
+def amp_dtype_for(device, amp):
+    """bf16 autocast where supported (CPUs, Ampere+ GPUs), else fp16 with a GradScaler."""
+    bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
+    return (torch.bfloat16 if bf16 else torch.float16) if amp else None
+
+
+def open_run_dir(c, run_dir, header):
+    """The checkpoint to continue from, or None for a fresh start. Every rank reads the same files and reaches
+    the same verdict, so an error stops all of them."""
+    if c.overwrite:
+        return None
+    if (run_dir / "final.pt").exists():
+        raise UserError(f"{run_dir} already holds a finished run; pass --overwrite or another --run_dir")
+    ckpts = checkpoints(run_dir)
+    if c.resume and not ckpts:
+        raise UserError(f"--resume: {run_dir} holds no checkpoint (ckpt-STEP.pt) to resume from")
+    state, saved = None, None
+    if ckpts:
+        try:
+            state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a damaged file; saves are atomic, so rare
+            raise UserError(f"{ckpts[-1]} is not readable ({type(e).__name__}); delete it to resume from the "
+                            f"one before, or pass --overwrite") from None
+        saved, saved_header = state["config"], state["label_header"]
+    elif (run_dir / "config.json").exists():  # killed before its first checkpoint
+        saved = json.loads((run_dir / "config.json").read_text())
+        saved_header = saved.get("label_header")
+    if saved is not None:
+        diff = config_differences(saved, c, header, saved_header)
+        if diff:
+            raise UserError(f"{run_dir} holds a run with another config ({'; '.join(diff)}); resume with the "
+                            f"same flags, or pass --overwrite or another --run_dir")
+    return state
+
+
+def finite_losses(pending, first_step, model, what):
+    """The losses of the steps since the last check as floats, in one host transfer. Stops the run at the
+    first NaN/Inf loss or weight (whichever rank sees it), naming the step; the last checkpoint stays the good
+    one, since every save comes after this check."""
+    losses = torch.stack(pending).float()
+    n = len(pending)
+    first_bad = torch.where(losses.isfinite(), n, torch.arange(n, device=losses.device)).min()
+    weights_bad = ~torch.stack([p.isfinite().all() for p in model.parameters()]).all()
+    flags = torch.stack([first_bad, -weights_bad.long()])
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    first_bad, weights_bad = flags.tolist()
+    if first_bad < n or weights_bad:
+        where = f"the loss was NaN/Inf at step {first_step + first_bad}" if first_bad < n else \
+            f"the weights became NaN/Inf by step {first_step + n - 1}"
+        raise UserError(f"{where}; stopped. The last good checkpoint is {what}; lower --lr or check the "
+                        f"labels")
+    return losses.tolist()
+
 
 def train(**flags):
     c = parse_config(TrainConfig, flags)
@@ -347,22 +552,19 @@ def train(**flags):
     rank, world, device = setup_distributed(c.device)
     torch.manual_seed(c.seed)
     run_dir = Path(c.run_dir)
-    if rank == 0:
-        if (run_dir / "final.pt").exists() and not c.overwrite:
-            raise UserError(f"{run_dir} already holds a finished run; pass --overwrite or another --run_dir")
-        run_dir.mkdir(parents=True, exist_ok=True)
 
     # data
     header, table = None, None
     if c.kd == "none":
         train_path, ds = dataset_beton(c.data, "train")
     else:
-        header = read_header(c.labels, f"re-run `python labels.py build --data={c.data} --out={c.labels} ...`")
+        hint = f"re-run `python labels.py build --data={c.data} --out={c.labels} ...`"
+        header = read_header(c.labels, hint)
         ds = load_dataset(c.data, "train")
         if header["fingerprint"] != ds.fingerprint() or header["num_classes"] != len(ds.classes):
             raise UserError(f"{c.labels} was built for {header['dataset']} ({header['num_classes']} classes, "
                             f"fingerprint {header['fingerprint']}), not --data={c.data} ({len(ds.classes)} "
-                            f"classes, {ds.fingerprint()}); re-run `python labels.py build --data={c.data} ...`")
+                            f"classes, {ds.fingerprint()}); {hint}")
         if c.res and c.res != header["res"]:
             raise UserError(f"{c.labels} was built for crops at {header['res']} px, not --res={c.res}")
         train_path, table = Path(c.labels), read_regions(c.labels, header)
@@ -378,82 +580,245 @@ def train(**flags):
     loader = region_loader(train_path, plan, res, per_rank, c.num_workers, order="random", seed=c.seed,
                            indices=images, drop_last=True, distributed=world > 1)
     test_loader, _ = eval_loader(c.data, res, 512, c.num_workers, rank, world)
-    steps_per_epoch = len(images) // c.batch_size
+    # under DDP each rank gets ceil(N / world) images (FFCV pads like DistributedSampler): count its batches
+    steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
         raise UserError(f"{len(images)} training images give no full batch of --batch_size={c.batch_size}")
     total_steps = steps_per_epoch * c.epochs
     if c.kd == "ferkd":
         from kernels_triton import region_category
-        cat = region_category(unpack_regions(torch.from_numpy(table), header["k"])[2], c.t_low, c.t_mid, c.t_top)
+        pgt = unpack_regions(torch.from_numpy(table), header["k"])[2]
+        cat = region_category(pgt, c.t_low, c.t_mid, c.t_top)
         share = [(cat == i).float().mean().item() for i in range(3)]
         print0(f"regions at t_low={c.t_low} t_mid={c.t_mid} t_top={c.t_top}: dropped {share[0]:.1%}, "
                f"hard {share[1]:.1%}, soft {share[2]:.1%}; {len(images)} of {len(heights)} images keep one")
 
+    # run directory: continue from its newest checkpoint, or start afresh
+    state = open_run_dir(c, run_dir, header)
+    if state is not None and state["steps_per_epoch"] != steps_per_epoch:
+        raise UserError(f"{run_dir} was trained with {state['steps_per_epoch']} steps per epoch, this "
+                        f"launch has {steps_per_epoch} (another number of processes?); resume it as it was "
+                        f"launched")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has read the run directory before rank 0 changes it
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            for p in [*checkpoints(run_dir), run_dir / "final.pt", run_dir / "final.json"]:
+                p.unlink(missing_ok=True)
+
     # model, optimizer, mode
     model = build_model(c.arch, num_classes).to(device, memory_format=torch.channels_last)
-    if c.compile:
-        model.compile()
-    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     peak_lr = c.lr * c.batch_size * c.crops / 256
     optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=c.momentum, nesterov=True,
                                 weight_decay=c.weight_decay)
-    bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
-    amp_dtype = (torch.bfloat16 if bf16 else torch.float16) if c.amp else None
-    scaler = torch.amp.GradScaler(device.type, enabled=c.amp and not bf16)
+    amp_dtype = amp_dtype_for(device, c.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    generator = torch.Generator(device).manual_seed(c.seed + 1000 * rank)
+    step, history, epoch_losses, t_train = 0, [], [], 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"], rank, generator, device)
+        step, history, epoch_losses, t_train = (state[k] for k in ("step", "history", "epoch_losses",
+                                                                   "train_seconds"))
+    compiled = use_compile(c, device)
+    if compiled:  # in place: state_dict keys keep their names (no `_orig_mod.`); DDP then wraps the compiled
+        model.compile()  # module, never the reverse (compiling a DDP wrapper compiled nothing, NOTES.md)
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     loss_fn = ce_loss(c.label_smoothing) if c.kd == "none" else kd_loss(c, table, header["k"])
+    train_step = make_train_step(ddp, optimizer, scaler, loss_fn, mix_batch(c, generator), amp_dtype, device,
+                                 c.crops)
     warmup = int(c.warmup_epochs * steps_per_epoch)
-    mix_fn = mix_batch(c, torch.Generator(device).manual_seed(c.seed + 1000 * rank))
 
-    config = dict(dataclasses.asdict(c), world_size=world, per_rank_batch=per_rank, rows_per_step=c.batch_size
-                  * c.crops, steps_per_epoch=steps_per_epoch, total_steps=total_steps, peak_lr=peak_lr, res=res,
-                  device=str(device), train_images=len(images), num_classes=num_classes,
-                  torch=torch.__version__, label_header=header)
+    config = dict(dataclasses.asdict(c), world_size=world, per_rank_batch=per_rank,
+                  rows_per_step=c.batch_size * c.crops, steps_per_epoch=steps_per_epoch,
+                  total_steps=total_steps, peak_lr=peak_lr, res=res,
+                  device=str(device), compiled=compiled, train_images=len(images), num_classes=num_classes,
+                  resumed_at_step=step, **run_metadata(device), label_header=header)
     print0(json.dumps({k: v for k, v in config.items() if k != "label_header"}))
+    if state is not None:
+        print0(f"resuming {run_dir} at step {step} of {total_steps} (epoch {step // steps_per_epoch + 1}, "
+               f"batch {step % steps_per_epoch})")
     if rank == 0:
-        (run_dir / "config.json").write_text(json.dumps(config, indent=1))
+        atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
+        # the log is rewritten from the checkpoint: epochs run after it, lost with a kill, are not doubled
+        atomic_write(run_dir / "metrics.jsonl", lambda p: p.write_text("".join(json.dumps(m) + "\n"
+                                                                               for m in history)))
+
+    def save_state(path):  # a collective (RNG states are gathered): every rank calls it, rank 0 writes
+        rng = rng_states(generator, device)
+        if rank == 0:
+            save_checkpoint(path, dict(
+                model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                step=step, epoch=step // steps_per_epoch, steps_per_epoch=steps_per_epoch, rng=rng,
+                history=history, epoch_losses=epoch_losses, train_seconds=t_train, res=res,
+                config=dataclasses.asdict(c), label_header=header, classes=list(ds.classes)))
+            for old in checkpoints(run_dir)[:-c.keep_ckpts]:
+                old.unlink(missing_ok=True)
+
+    def last_good():
+        ckpts = checkpoints(run_dir)
+        return str(ckpts[-1]) if ckpts else "none (no checkpoint was saved yet)"
 
     # train
-    step, metrics, t_train = 0, {}, 0.0
-    log = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
-    for epoch in range(c.epochs):
+    rows = c.batch_size * c.crops
+    metrics = history[-1] if history else {}
+    for epoch in range(step // steps_per_epoch, c.epochs):
         choice = fill_plan(epoch)
-        t0, loss_sum = time.time(), torch.zeros((), device=device)
-        for images_u8, labels, index in loader:
+        skip = step - epoch * steps_per_epoch
+        pending, t_epoch, t0 = [], 0.0, time.time()
+        bar = tqdm(total=(steps_per_epoch - skip) * rows, unit="img", unit_scale=True, leave=False,
+                   desc=f"epoch {epoch + 1}/{c.epochs}", disable=rank != 0 or not sys.stderr.isatty())
+        for images_u8, labels, index in epoch_batches(loader, epoch, skip):
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, total_steps, warmup, peak_lr)
-            x, partner, share = mix_fn(to_model_input(images_u8, device), c.crops)
-            labels = labels.to(device, non_blocking=True).repeat_interleave(c.crops)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = ddp(x)
-            loss = loss_fn(logits, labels, index, choice, partner, share)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach()
+            pending.append(train_step(images_u8, labels, index, choice))
             step += 1
-        t_train += time.time() - t0
-        mean_loss = loss_sum.item() / steps_per_epoch
-        if not math.isfinite(mean_loss):
-            raise UserError(f"loss is {mean_loss} in epoch {epoch} (step {step}); the last good checkpoint is "
-                            f"{run_dir / 'last.pt'}; lower --lr or check the labels")
-        metrics = dict(epoch=epoch + 1, loss=mean_loss, **evaluate(model, test_loader, device, amp_dtype),
-                       train_seconds=round(t_train, 1),
-                       images_per_s=round(steps_per_epoch * c.batch_size * c.crops / (time.time() - t0), 1))
+            bar.update(rows)
+            if c.ckpt_every and step % c.ckpt_every == 0 and step % steps_per_epoch:  # (epoch ends: below)
+                epoch_losses += finite_losses(pending, step - len(pending) + 1, model, last_good())
+                pending, now = [], time.time()
+                t_epoch, t_train = t_epoch + now - t0, t_train + now - t0  # the clock stops while saving
+                save_state(run_dir / f"ckpt-{step:08d}.pt")
+                t0 = time.time()
+        bar.close()
+        epoch_losses += finite_losses(pending, step - len(pending) + 1, model, last_good())
+        now = time.time()
+        t_epoch, t_train = t_epoch + now - t0, t_train + now - t0
+        test, _ = evaluate(model, test_loader, device, amp_dtype, num_classes)
+        metrics = dict(epoch=epoch + 1, loss=math.fsum(epoch_losses) / len(epoch_losses), **test,
+                       lr=optimizer.param_groups[0]["lr"], train_seconds=round(t_train, 1),
+                       images_per_s=round((steps_per_epoch - skip) * rows / t_epoch, 1))
+        history.append(metrics)
+        epoch_losses = []
         print0(json.dumps(metrics))
+        save_state(run_dir / ("final.pt" if epoch + 1 == c.epochs else f"ckpt-{step:08d}.pt"))
         if rank == 0:
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
-            save_checkpoint(run_dir / "last.pt", model, optimizer, epoch + 1, c, header, ds.classes)
+            with open(run_dir / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(metrics) + "\n")
     if rank == 0:
-        log.close()
-        os.replace(run_dir / "last.pt", run_dir / "final.pt")
-        (run_dir / "final.json").write_text(json.dumps(metrics))
+        atomic_write(run_dir / "final.json", lambda p: p.write_text(json.dumps(metrics)))
     print0(json.dumps(metrics))
     if dist.is_initialized():
         dist.destroy_process_group()
     return None
 
+# -----------------------------------------------------------------------------
+# `ferkd.py eval`, `ferkd.py export`, `ferkd.py plot`
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ckpt: str = ""          # checkpoint written by `ferkd.py train` (final.pt or ckpt-STEP.pt)
+    data: str = ""          # dataset whose test split is evaluated; "": the one the checkpoint trained on
+    res: int = 0            # input resolution; 0: the checkpoint's training resolution
+    batch_size: int = 512   # images per forward, all processes together
+    num_workers: int = 2    # FFCV decoding threads per process
+    device: str = "auto"    # auto | cpu | cuda
+    amp: bool = True        # bf16 autocast, as in training
+
+
+def evaluate_checkpoint(**flags):
+    """Top-1, top-5 and per-class top-1 of a checkpoint on a test split; the last line printed is JSON."""
+    c = parse_config(EvalConfig, flags)
+    if not c.ckpt:
+        raise UserError("--ckpt=FILE.pt is required")
+    if c.batch_size < 1 or c.num_workers < 1 or c.res < 0:
+        raise UserError("--batch_size and --num_workers must be >= 1, --res >= 0")
+    rank, world, device = setup_distributed(c.device)
+    model, ckpt = load_checkpoint(c.ckpt)
+    data, res = c.data or ckpt["config"]["data"], c.res or checkpoint_res(ckpt)
+    loader, ds = eval_loader(data, res, max(1, c.batch_size // world), c.num_workers, rank, world)
+    if list(ds.classes) != list(ckpt["classes"]):
+        raise UserError(f"{c.ckpt} predicts {len(ckpt['classes'])} classes "
+                        f"({', '.join(ckpt['classes'][:4])}, ...), --data={data} has {len(ds.classes)} "
+                        f"({', '.join(ds.classes[:4])}, ...)")
+    model.to(device, memory_format=torch.channels_last)
+    metrics, per_class = evaluate(model, loader, device, amp_dtype_for(device, c.amp), len(ds.classes))
+    acc = (100 * per_class[:, 0] / per_class[:, 2].clamp(min=1)).tolist()
+    print0(json.dumps(dict(ckpt=str(c.ckpt), data=data, res=res, **metrics,
+                           per_class_top1={name: round(a, 2) for name, a in zip(ds.classes, acc)})))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    ckpt: str = ""          # checkpoint written by `ferkd.py train`
+    out: str = ""           # the .pt2 file to write
+    overwrite: bool = False  # replace an existing --out
+
+
+def export(**flags):
+    """Write the model with torch.export (TorchScript is deprecated since torch 2.5): a .pt2 whose program
+    takes (N, 3, res, res) float32 images normalized by labels.MEAN/STD (any N) and returns (N, C) logits; its
+    extra file ferkd.json names the classes, res, mean and std. Load with torch.export.load(path).module()."""
+    c = parse_config(ExportConfig, flags)
+    if not c.ckpt or not c.out:
+        raise UserError("--ckpt=FILE.pt and --out=FILE.pt2 are required")
+    if not c.out.endswith(".pt2"):
+        raise UserError(f"--out={c.out} should end in .pt2 (torch.export's archive format)")
+    if Path(c.out).exists() and not c.overwrite:
+        raise UserError(f"{c.out} exists; pass --overwrite to replace it")
+    if not Path(c.out).resolve().parent.is_dir():
+        raise UserError(f"output directory {Path(c.out).parent} does not exist")
+    from labels import MEAN, STD
+    model, ckpt = load_checkpoint(c.ckpt)
+    model.eval()
+    res = checkpoint_res(ckpt)
+    example = torch.randn(2, 3, res, res)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    meta = dict(arch=ckpt["config"]["arch"], classes=list(ckpt["classes"]), res=res, mean=MEAN, std=STD,
+                input="(N, 3, res, res) float32 RGB: (pixel - 255 mean) / (255 std)", source=str(c.ckpt))
+    extra = {"ferkd.json": json.dumps(meta)}
+    atomic_write(c.out, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
+    print(json.dumps(dict(out=c.out, arch=meta["arch"], res=res, num_classes=len(meta["classes"]))))
+
+
+@dataclass(frozen=True)
+class PlotConfig:
+    out: str = ""  # the PNG to write; "": plot.png beside the first run directory
+
+
+def plot(*run_dirs, **flags):
+    """Test top-1 of runs against epochs and against training time (the clock stops during evaluation and
+    checkpointing), from each run directory's metrics.jsonl, in one PNG."""
+    c = parse_config(PlotConfig, flags)
+    if not run_dirs:
+        raise UserError("name at least one run directory: python ferkd.py plot RUN_DIR [RUN_DIR ...]")
+    runs = []
+    for d in map(Path, run_dirs):
+        log = d / "metrics.jsonl"
+        if not log.is_file():
+            raise UserError(f"{log} not found: is {d} a run directory of `ferkd.py train`?")
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        if not rows:
+            raise UserError(f"{log} holds no finished epoch yet")
+        cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+        runs.append((f"{d.name} ({cfg.get('kd', '?')}, {cfg.get('arch', '?')})", rows))
+    import matplotlib
+    import matplotlib.ticker
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for name, rows in runs:
+        top1 = [m["top1"] for m in rows]
+        axes[0].plot([m["epoch"] for m in rows], top1, marker="o", label=name)
+        axes[1].plot([m["train_seconds"] for m in rows], top1, marker="o", label=name)
+    axes[0].set(xlabel="epoch", ylabel="test top-1 %", title="top-1 vs epoch")
+    axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[1].set(xlabel="training time, s (evaluation excluded)", title="top-1 vs time")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(c.out or Path(run_dirs[0]).parent / "plot.png")
+    if not out.resolve().parent.is_dir():
+        raise UserError(f"output directory {out.parent} does not exist")
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110))
+    print(f"wrote {out}")
+
 
 if __name__ == "__main__":
-    run_cli({"train": train})
+    run_cli({"train": train, "eval": evaluate_checkpoint, "export": export, "plot": plot})

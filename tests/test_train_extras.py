@@ -1,0 +1,164 @@
+"""The trainer's robustness and tools: exact resume after SIGKILL, NaN/Inf stop, refused run directories and
+checkpoints, the compiled step, `ferkd.py eval` and `ferkd.py export`. All on scikit-learn's digits, on CPU."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, cli, last_json
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def one_error_line(p):
+    assert p.returncode == 2, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-2000:]
+    return lines[0]
+
+
+def test_ffcv_random_order_is_a_function_of_seed_and_epoch():
+    """What exact resume relies on: a fresh loader replays epoch e's batches, and skipping k batches yields the
+    rest of them."""
+    import ferkd
+    import labels
+    path, ds = labels.dataset_beton("digits", "train")
+    h, w = labels.image_sizes(path)
+    plan = np.ascontiguousarray(np.concatenate([labels.box_pixels(labels.full_boxes(len(h)), h, w),
+                                                np.zeros((len(h), 1), np.int32)], 1)[:, None]).astype(np.int32)
+
+    def batches(epoch, skip=0):
+        loader = labels.region_loader(path, plan, 16, 64, 1, order="random", seed=7, drop_last=True)
+        return [index.clone() for _, _, index in ferkd.epoch_batches(loader, epoch, skip)]
+    a, b = batches(3), batches(3)
+    assert len(a) == len(ds.labels) // 64 and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(torch.cat(a), torch.cat(batches(2)))  # and another epoch is another order
+    tail = batches(3, skip=5)
+    assert len(tail) == len(a) - 5 and all(torch.equal(x, y) for x, y in zip(a[5:], tail))
+
+
+def test_resume_after_sigkill_is_bit_exact(built, tmp_path):
+    """FKD with SelfMix (cutmix draws from the global and the mix RNG) killed mid-epoch, then re-run with the
+    same command: the final weights, optimizer state and per-epoch metrics equal an uninterrupted run's."""
+    _, path = built
+    args = ["ferkd.py", "train", "--data=digits", f"--labels={path}", "--kd=fkd", "--arch=small16", "--epochs=3",
+            "--batch_size=64", "--crops=2", "--mix=cutmix", "--mix_prob=0.5", "--ckpt_every=5"]
+    cli(*args, f"--run_dir={tmp_path / 'whole'}")
+    run = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, *args, f"--run_dir={run}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while not (run / "ckpt-00000025.pt").exists():  # 22 steps per epoch: step 25 is inside epoch 2
+        assert p.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (run / "final.pt").exists()
+
+    # a changed flag is refused, leaving the run directory as it was
+    before = sorted(x.name for x in run.iterdir())
+    for flag, words in (("--lr=0.3", "--lr=0.2 -> 0.3"), ("--arch=small32", "--arch='small16' -> 'small32'")):
+        line = one_error_line(cli(*[a for a in args if not a.startswith(flag.split("=")[0] + "=")], flag,
+                                  f"--run_dir={run}", check=False))
+        assert "another config" in line and words in line, line
+    assert sorted(x.name for x in run.iterdir()) == before
+
+    out = cli(*args, f"--run_dir={run}").stdout
+    step = int(re.search(r"resuming .* at step (\d+)", out).group(1))
+    assert step >= 25 and step % 22, step  # resumed inside an epoch
+    a = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
+    b = torch.load(run / "final.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
+    keep = ("epoch", "loss", "top1", "top5", "test_images")
+    logs = [[{k: m[k] for k in keep} for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+            for d in (tmp_path / "whole", run)]
+    assert logs[0] == logs[1] and len(logs[0]) == 3
+    assert len(list(run.glob("ckpt-*.pt"))) <= 2  # --keep_ckpts=2
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    p = cli("ferkd.py", "train", "--data=digits", "--kd=none", "--arch=small16", "--epochs=2", "--batch_size=64",
+            "--lr=1e6", "--ckpt_every=2", f"--run_dir={tmp_path}", check=False)
+    line = one_error_line(p)
+    assert re.search(r"NaN/Inf (at|by) step \d+", line) and "last good checkpoint" in line, line
+    assert not (tmp_path / "final.pt").exists()
+    ckpts = sorted(tmp_path.glob("ckpt-*.pt"))
+    assert ckpts and str(ckpts[-1]) in line
+    for c in ckpts:
+        state = torch.load(c, weights_only=True)["model"]
+        assert all(v.isfinite().all() for v in state.values() if v.is_floating_point())
+
+
+def test_checkpoint_of_another_architecture_is_refused(built, tmp_path):
+    import ferkd
+    from labels import UserError
+    teacher, _ = built
+    with pytest.raises(UserError, match="holds a small32 model, not --arch=small16"):
+        ferkd.load_checkpoint(teacher, arch="small16")
+    ckpt = torch.load(teacher, weights_only=True)
+    ckpt["config"]["arch"] = "resnet18"  # a file that claims another architecture than its weights
+    torch.save(ckpt, tmp_path / "bad.pt")
+    line = one_error_line(cli("ferkd.py", "eval", f"--ckpt={tmp_path / 'bad.pt'}", check=False))
+    assert "do not fit architecture resnet18" in line
+
+
+def test_eval_command_matches_training_metrics(built):
+    teacher, _ = built
+    m = last_json(cli("ferkd.py", "eval", f"--ckpt={teacher}").stdout)
+    final = json.loads((teacher.parent / "final.json").read_text())
+    assert m["test_images"] == 360 and m["top1"] == final["top1"] and m["top5"] == final["top5"]
+    assert len(m["per_class_top1"]) == 10 and 0 <= min(m["per_class_top1"].values())
+    line = one_error_line(cli("ferkd.py", "eval", f"--ckpt={teacher}", "--data=fashion-mnist", check=False))
+    assert "predicts 10 classes" in line
+
+
+def test_export_loads_and_predicts_like_the_checkpoint(built, tmp_path):
+    import ferkd
+    teacher, _ = built
+    out = tmp_path / "model.pt2"
+    cli("ferkd.py", "export", f"--ckpt={teacher}", f"--out={out}")
+    program = torch.export.load(str(out))
+    model, _ = ferkd.load_checkpoint(teacher)
+    model.eval()
+    for n in (1, 5):  # the batch dimension is dynamic
+        x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            want, got = model(x), program.module()(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.argmax(1), want.argmax(1))
+    assert "exists" in one_error_line(cli("ferkd.py", "export", f"--ckpt={teacher}", f"--out={out}", check=False))
+
+
+def test_compiled_run_trains_and_saves_plain_keys(tmp_path):
+    """--compile=true on CPU (a cold compile costs about a minute: the only compiled run in the suite)."""
+    p = cli("ferkd.py", "train", "--data=digits", "--kd=none", "--arch=small16", "--epochs=1", "--batch_size=64",
+            "--compile=true", f"--run_dir={tmp_path}")
+    assert '"compiled": true' in p.stdout
+    m = last_json(p.stdout)
+    assert m["test_images"] == 360 and np.isfinite(m["loss"])
+    keys = torch.load(tmp_path / "final.pt", weights_only=True)["model"].keys()
+    assert keys and not any("_orig_mod." in k for k in keys)
+
+
+def test_plot_writes_a_png(tmp_path):
+    for name, slope in (("ce", 5), ("fkd", 7)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(dict(kd=name, arch="small16")))
+        (d / "metrics.jsonl").write_text("".join(json.dumps(dict(epoch=e, top1=50 + slope * e,
+                                                                 train_seconds=10.0 * e)) + "\n"
+                                                 for e in range(1, 5)))
+    out = tmp_path / "cmp.png"
+    cli("ferkd.py", "plot", tmp_path / "ce", tmp_path / "fkd", f"--out={out}")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "not found" in one_error_line(cli("ferkd.py", "plot", tmp_path / "nope", check=False))
