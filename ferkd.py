@@ -530,6 +530,8 @@ def finite_losses(pending, first_step, model, what):
     """The losses of the steps since the last check as floats, in one host transfer. Stops the run at the
     first NaN/Inf loss or weight (whichever rank sees it), naming the step; the last checkpoint stays the good
     one, since every save comes after this check."""
+    if not pending:
+        return []
     losses = torch.stack(pending).float()
     n = len(pending)
     first_bad = torch.where(losses.isfinite(), n, torch.arange(n, device=losses.device)).min()
