@@ -1,14 +1,15 @@
-"""DDP on CPU: `torchrun --nproc_per_node=2 ferkd.py train` (gloo) for kd=none and kd=fkd, and what "matches one
-process with the same global batch" can honestly mean.
+"""DDP on CPU: `torchrun --nproc_per_node=2 ferkd.py train` (gloo) for kd=none and kd=fkd, and what
+"matches one process with the same global batch" can honestly mean.
 
 A whole 2-process run cannot equal a 1-process run bit for bit, for two reasons that are not bugs:
 BatchNorm in training mode normalizes each rank's 32 rows by their own statistics (one process uses 64), and
-FFCV's distributed order (DistributedSampler(seed) per epoch, padded to a multiple of the world size) is not the
-single-process permutation. So the end-to-end runs check what must hold exactly (evaluation counts every test
-image once; both modes train), and a second test checks the exact property underneath: with BatchNorm using its
-running statistics (eval mode, so each row's loss depends on that row alone), three `train_step`s under DDP on
-two halves of the same batches give the same weights as one process on the whole batches, up to float summation
-order (the gradient is a mean of two half-batch means instead of one mean), with both ranks bit-identical.
+FFCV's distributed order (DistributedSampler(seed) per epoch, padded to a multiple of the world size) is not
+the single-process permutation. So the end-to-end runs check what must hold exactly (evaluation counts every
+test image once; both modes train), and a second test checks the exact property underneath: with BatchNorm
+using its running statistics (eval mode, so each row's loss depends on that row alone), three `train_step`s
+under DDP on two halves of the same batches give the same weights as one process on the whole batches, up to
+float summation order (the gradient is a mean of two half-batch means instead of one mean; measured
+max |difference| ~6e-8 after 3 steps), with both ranks bit-identical.
 """
 import json
 import subprocess
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def torchrun(*args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *map(str, args)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=500)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     return p
@@ -39,7 +41,8 @@ def test_torchrun_two_processes_train(built, tmp_path, kd):
     m = last_json(p.stdout)
     assert m["test_images"] == 360  # the 360 digits test images, each counted once over the two shards
     assert m["top1"] > 40, m        # it learns (chance is 10%; one process reaches about 50-75% here)
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3 and (tmp_path / "final.pt").is_file()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (tmp_path / "final.pt").is_file()
     assert p.stdout.count('"epoch": 3') == 2  # rank 0 alone prints (the epoch line and the final line)
 
 
@@ -60,7 +63,8 @@ h, w = labels.image_sizes(path)
 plan = np.ascontiguousarray(np.concatenate([labels.box_pixels(labels.full_boxes(len(h)), h, w),
                                             np.zeros((len(h), 1), np.int32)], 1)[:, None]).astype(np.int32)
 def order(epoch):
-    loader = labels.region_loader(path, plan, 16, 32, 1, order="random", seed=3, drop_last=True, distributed=True)
+    loader = labels.region_loader(path, plan, 16, 32, 1, order="random", seed=3, drop_last=True,
+                                  distributed=True)
     return torch.cat([i.clone() for _, _, i in ferkd.epoch_batches(loader, epoch)])
 mine = order(1)
 assert torch.equal(mine, order(1)) and not torch.equal(mine, order(2))

@@ -1,5 +1,5 @@
-"""The trainer's robustness and tools: exact resume after SIGKILL, NaN/Inf stop, refused run directories and
-checkpoints, the compiled step, `ferkd.py eval` and `ferkd.py export`. All on scikit-learn's digits, on CPU."""
+"""The trainer's robustness and tools: exact resume after SIGKILL, NaN/Inf stop, refused run directories
+and checkpoints, the compiled step, `ferkd.py eval`, `export` and `plot`. On scikit-learn's digits, on CPU."""
 import json
 import os
 import re
@@ -27,14 +27,15 @@ def one_error_line(p):
 # numba's finalizer raises a harmless KeyError when in-process FFCV loaders are collected (NOTES.md)
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_ffcv_random_order_is_a_function_of_seed_and_epoch():
-    """What exact resume relies on: a fresh loader replays epoch e's batches, and skipping k batches yields the
-    rest of them."""
+    """What exact resume relies on: a fresh loader replays epoch e's batches, and skipping k batches yields
+    the rest of them."""
     import ferkd
     import labels
     path, ds = labels.dataset_beton("digits", "train")
     h, w = labels.image_sizes(path)
-    plan = np.ascontiguousarray(np.concatenate([labels.box_pixels(labels.full_boxes(len(h)), h, w),
-                                                np.zeros((len(h), 1), np.int32)], 1)[:, None]).astype(np.int32)
+    boxes = labels.box_pixels(labels.full_boxes(len(h)), h, w)
+    plan = np.ascontiguousarray(np.concatenate([boxes, np.zeros((len(h), 1), np.int32)], 1)[:, None])
+    plan = plan.astype(np.int32)
 
     def batches(epoch, skip=0):
         loader = labels.region_loader(path, plan, 16, 64, 1, order="random", seed=7, drop_last=True)
@@ -50,8 +51,8 @@ def test_resume_after_sigkill_is_bit_exact(built, tmp_path):
     """FKD with SelfMix (cutmix draws from the global and the mix RNG) killed mid-epoch, then re-run with the
     same command: the final weights, optimizer state and per-epoch metrics equal an uninterrupted run's."""
     _, path = built
-    args = ["ferkd.py", "train", "--data=digits", f"--labels={path}", "--kd=fkd", "--arch=small16", "--epochs=3",
-            "--batch_size=64", "--crops=2", "--mix=cutmix", "--mix_prob=0.5", "--ckpt_every=5"]
+    args = ["ferkd.py", "train", "--data=digits", f"--labels={path}", "--kd=fkd", "--arch=small16",
+            "--epochs=3", "--batch_size=64", "--crops=2", "--mix=cutmix", "--mix_prob=0.5", "--ckpt_every=5"]
     cli(*args, f"--run_dir={tmp_path / 'whole'}")
     run = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, *args, f"--run_dir={run}"], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -89,8 +90,8 @@ def test_resume_after_sigkill_is_bit_exact(built, tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    p = cli("ferkd.py", "train", "--data=digits", "--kd=none", "--arch=small16", "--epochs=2", "--batch_size=64",
-            "--lr=1e6", "--ckpt_every=2", f"--run_dir={tmp_path}", check=False)
+    p = cli("ferkd.py", "train", "--data=digits", "--kd=none", "--arch=small16", "--epochs=2",
+            "--batch_size=64", "--lr=1e6", "--ckpt_every=2", f"--run_dir={tmp_path}", check=False)
     line = one_error_line(p)
     assert re.search(r"NaN/Inf (at|by) step \d+", line) and "last good checkpoint" in line, line
     assert not (tmp_path / "final.pt").exists()
@@ -138,13 +139,14 @@ def test_export_loads_and_predicts_like_the_checkpoint(built, tmp_path):
             want, got = model(x), program.module()(x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert torch.equal(got.argmax(1), want.argmax(1))
-    assert "exists" in one_error_line(cli("ferkd.py", "export", f"--ckpt={teacher}", f"--out={out}", check=False))
+    again = cli("ferkd.py", "export", f"--ckpt={teacher}", f"--out={out}", check=False)
+    assert "exists" in one_error_line(again)
 
 
 def test_compiled_run_trains_and_saves_plain_keys(tmp_path):
     """--compile=true on CPU (a cold compile costs about a minute: the only compiled run in the suite)."""
-    p = cli("ferkd.py", "train", "--data=digits", "--kd=none", "--arch=small16", "--epochs=1", "--batch_size=64",
-            "--compile=true", f"--run_dir={tmp_path}")
+    p = cli("ferkd.py", "train", "--data=digits", "--kd=none", "--arch=small16", "--epochs=1",
+            "--batch_size=64", "--compile=true", f"--run_dir={tmp_path}")
     assert '"compiled": true' in p.stdout
     m = last_json(p.stdout)
     assert m["test_images"] == 360 and np.isfinite(m["loss"])
