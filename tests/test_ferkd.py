@@ -101,3 +101,15 @@ def test_ferkd_with_selfmix_trains(built, tmp_path):
             "--batch_size=64", f"--run_dir={tmp_path / 'r'}")
     assert "dropped" in p.stdout and "hard" in p.stdout  # category counts printed before training
     assert json.loads(p.stdout.strip().splitlines()[-1])["top1"] > 50
+
+
+def test_threshold_defaults_follow_the_mode():
+    assert (ferkd.TrainConfig(kd="fkd").t_low, ferkd.TrainConfig(kd="fkd").t_mid,
+            ferkd.TrainConfig(kd="fkd").t_top) == (0.0, 0.0, 1.0)  # FKD keeps every region
+    c = ferkd.TrainConfig(kd="ferkd")
+    assert (c.t_low, c.t_mid, c.t_top) == tuple(ferkd.FERKD_DEFAULTS.values())
+    c = ferkd.TrainConfig(kd="ferkd", t_low=0.05)
+    assert (c.t_low, c.t_mid) == (0.05, 0.05)  # no hard regions unless t_mid is asked for
+    ferkd.check_config(ferkd.TrainConfig(kd="ferkd", labels="x", t_low=0.05))
+    with pytest.raises(labels.UserError):
+        ferkd.check_config(ferkd.TrainConfig(kd="fkd", labels="x", t_top=0.9))
