@@ -292,7 +292,7 @@ def _open_images(ds):
             raise UserError(f"cannot decode image {p}: {e}") from None
 
 
-def write_beton(path, ds, regions=None, num_workers=2, quiet=False):
+def write_beton(path, ds, regions=None, num_workers=2, quiet=None):
     """Write `ds` (and per-image region records) to an FFCV file at `path` (not atomic: callers write to a
     temporary name and rename). With one worker the bytes are a function of the inputs only."""
     import functools
@@ -306,6 +306,8 @@ def write_beton(path, ds, regions=None, num_workers=2, quiet=False):
               "label": IntField(), "index": IntField()}
     if regions is not None:
         fields["regions"] = NDArrayField(np.dtype("uint8"), regions.shape[1:])
+    if quiet is None:  # progress only for a person at a terminal: logs and captured stderr stay clean
+        quiet = not sys.stderr.isatty()
     bar = ffcv.writer.tqdm
     ffcv.writer.tqdm = functools.partial(bar, disable=quiet, desc="images", unit="img")  # its bar has no flag
     try:
