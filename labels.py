@@ -4,6 +4,7 @@ Region soft labels for FKD / FerKD, stored beside the images in one FFCV `.beton
     python labels.py build --data=fashion-mnist --teacher=runs/teacher/final.pt --out=data/fm-labels.beton
     python labels.py build --data=imagefolder:/data/imagenet --teacher=torchvision:resnet50 --out=in1k.beton
     torchrun --nproc_per_node=8 labels.py build ...   # each process takes a share of the chunks; same bytes
+    python labels.py show data/fm-labels.beton --out=regions.png --t_low=0.1 --t_mid=0.5 --t_top=0.99
 
 Killed, a build is finished by re-running the same command; the finished file does not depend on where it
 stopped or on the number of processes (see `build`).
@@ -858,5 +859,113 @@ def inspect(path, rows=3):
                   f"p_gt {pgt[i, r].item():.3f}")
 
 
+# -----------------------------------------------------------------------------
+# `labels.py show`: a picture of what the teacher said, and of FerKD's calibration (issue 4)
+
+CATEGORY = (("dropped", "#d62728"), ("hard", "#ff7f0e"), ("soft", "#2ca02c"))  # region_category's 0, 1, 2
+
+
+def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, regions=5):
+    """Write a PNG: for `images` images, their first `regions` regions drawn on the image, each with the
+    teacher's top-k, p_gt and FerKD category under the thresholds (ferkd.py's defaults when not given);
+    below, the histogram of p_gt over every stored region with the thresholds marked."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    from ferkd import TrainConfig
+    from kernels_triton import region_category
+    t = {}
+    for name, v in (("t_low", t_low), ("t_mid", t_mid), ("t_top", t_top)):
+        v = getattr(TrainConfig, name) if v is None else v
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise UserError(f"--{name} takes a number, got {v!r}")
+        t[name] = float(v)
+    if not 0 <= t["t_low"] <= t["t_mid"] <= 1 or not t["t_low"] <= t["t_top"] <= 1:
+        raise UserError(f"FerKD thresholds need 0 <= t_low <= t_mid <= 1, t_low <= t_top <= 1; got {t}")
+    for name, v in (("images", images), ("regions", regions)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"--{name} takes a positive integer, got {v!r}")
+    if not str(out).lower().endswith(".png"):
+        raise UserError(f"--out must name a .png file, got {out!r}")
+    if not Path(out).resolve().parent.is_dir():
+        raise UserError(f"output directory {Path(out).parent} does not exist")
+    header = read_header(path)
+    table = read_regions(path, header)                                      # (N, R, D) uint8
+    N, R, k, names = len(table), header["regions"], header["k"], header["classes"]
+    ids, probs, pgt, flip = unpack_regions(torch.from_numpy(table), k)    # (N, R, k), (N, R, k), (N, R), (N, R)
+    cat = region_category(pgt, **t).numpy()                                 # (N, R) 0 dropped, 1 hard, 2 soft
+
+    # the chosen images, decoded whole by the trainer's decoder (square, then stretched back to their shape)
+    pick = np.linspace(0, N - 1, min(images, N)).round().astype(np.int64)
+    heights, widths = image_sizes(path)
+    side = int(min(256, max(heights.max(), widths.max())))
+    full = np.concatenate([box_pixels(full_boxes(N), heights, widths), np.zeros((N, 1), np.int32)], axis=1)
+    plan = np.ascontiguousarray(full[:, None], dtype=np.int32)
+    decoded = {}
+    for imgs, labels, index in region_loader(path, plan, side, len(pick), 1, indices=pick):
+        decoded.update((int(i), (img[0].numpy().copy(), int(y))) for img, y, i in zip(imgs, labels, index))
+
+    n_show = min(regions, R)
+    cols = min(2, len(pick))
+    rows = -(-len(pick) // cols)
+    fig = plt.figure(figsize=(7.5 * cols, 3.6 * rows + 3.2), layout="constrained")
+    grid = fig.add_gridspec(rows + 1, 2 * cols, height_ratios=[3.6] * rows + [3.2], width_ratios=[1, 1.3] * cols)
+    short = lambda c: names[c][:12]
+    for n, i in enumerate(pick):
+        img, y = decoded[int(i)]
+        H, W = int(heights[i]), int(widths[i])
+        ax = fig.add_subplot(grid[n // cols, 2 * (n % cols)])
+        ax.imshow(img, extent=(0, W, H, 0), interpolation="nearest")  # tiny images enlarged, pixels kept sharp
+        ax.set_title(f"image {i}: {names[y]}", fontsize=10)
+        ax.set_xticks([]), ax.set_yticks([])
+        lines = []
+        for r in range(n_show):
+            top, left, bottom, right = box_pixels(table[i, r, :4], H, W)
+            colour = CATEGORY[cat[i, r]][1]
+            ax.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, lw=2, ec=colour))
+            ax.text(left + 0.02 * W, top + 0.02 * H, str(r), color="white", fontsize=9, va="top",
+                    bbox=dict(fc=colour, ec="none", pad=1))
+            topk = ", ".join(f"{short(c)} {p:.2f}" for c, p in zip(ids[i, r].tolist()[:3], probs[i, r].tolist()))
+            lines.append((f"{r}{' (flip)' if flip[i, r] else ''}: {topk}\n"
+                          f"   p_gt {pgt[i, r]:.2f} → {CATEGORY[cat[i, r]][0]}", colour))
+        tx = fig.add_subplot(grid[n // cols, 2 * (n % cols) + 1])
+        tx.axis("off")
+        tx.text(0, 1, f"region: teacher top-{min(3, k)}", fontsize=9, va="top", weight="bold")
+        for r, (line, colour) in enumerate(lines):
+            tx.text(0, 0.9 - r * 0.9 / max(n_show, 1), line, fontsize=9, va="top", color=colour,
+                    family="monospace")
+
+    # p_gt over the whole file, stacked by category (a bin that a threshold cuts shows both parts)
+    ax = fig.add_subplot(grid[rows, :])
+    p_all, bottom = pgt.flatten().numpy(), 0
+    for c, (name, colour) in enumerate(CATEGORY):
+        counts, edges = np.histogram(p_all[cat.ravel() == c], bins=51, range=(0, 1))
+        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", bottom=bottom, color=colour, label=name)
+        bottom = bottom + counts
+    for name in ("t_low", "t_mid", "t_top"):
+        ax.axvline(t[name], color="black", ls="--", lw=1)
+        ax.text(t[name], 1.0, f"{name}={t[name]:g} ", transform=ax.get_xaxis_transform(), fontsize=9,
+                va="top", ha="right", rotation=90)
+    share = np.bincount(cat.ravel(), minlength=3) / cat.size
+    ax.set_yscale("log")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("p_gt: the teacher's probability of the true class, per region (stored as round(255 p))")
+    ax.set_ylabel("regions")
+    ax.set_title(f"{path}: {N} images x {R} regions, teacher {header['teacher']['name']}; " + ", ".join(
+        f"{name} {s:.1%}" for (name, _), s in zip(CATEGORY, share)), fontsize=10)
+    ax.legend(loc="upper center")
+    tmp = Path(out).with_name(Path(out).name + f".tmp{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
+    print(f"wrote {out}: {len(pick)} images, {n_show} regions each; regions dropped / hard / soft at "
+          f"t_low={t['t_low']:g} t_mid={t['t_mid']:g} t_top={t['t_top']:g}: "
+          + " / ".join(f"{s:.1%}" for s in share))
+
+
 if __name__ == "__main__":
-    run_cli({"build": build, "inspect": inspect})
+    run_cli({"build": build, "inspect": inspect, "show": show})
