@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+TINY = torch.finfo(torch.float32).tiny                           # smallest normal fp32
+
 # ------------------------------------------------------------------------------------------------------------
 # Reference: the calibration rule and the sparse torch path (CPU implementation, and the oracle of the kernel)
 # ------------------------------------------------------------------------------------------------------------
@@ -58,48 +60,69 @@ def region_category(p_gt, t_low, t_mid, t_top):
 
 
 def region_weights(p_gt, mix, t_low, t_mid, t_top):
-    """Renormalized mixing weights of the soft and of the hard regions; N = max(#rows kept, 1) on device."""
-    cat = region_category(p_gt, t_low, t_mid, t_top)             # (B, M) 0/1/2
-    a = torch.where(cat > 0, mix.float(), 0.0)                    # (B, M) weights of the kept regions
+    """region_category as the loss applies it: renormalized mixing weights a (0 on dropped regions), which
+    regions are hard (where a > 0), and which rows keep a region (1.0) or none (0.0)."""
+    p = p_gt.float()                                              # (B, M) same compares as region_category
+    a = torch.where((p >= t_low) & (p <= t_top), mix.float(), 0.0)  # (B, M) weights of the kept regions
     total = a.sum(1, keepdim=True)                                # (B, 1) 0 when every region is dropped
-    a = a / total.clamp_min(torch.finfo(torch.float32).tiny)      # rows with total = 0 stay all-zero
-    norm = (total > 0).sum().clamp_min(1).float()                 # () a tensor: no host sync
-    hard = cat == 1
-    return torch.where(hard, 0.0, a), torch.where(hard, a, 0.0), norm  # dropped regions have a = 0
+    return a / total.clamp_min(TINY), p < t_mid, total.sign()     # rows with total = 0 stay all-zero
 
 
-def _sparse_target(topk_idx, topk_prob, target, w_soft, w_hard, C, eps):
-    """Row target as U (B,) + (B, M*K+1) sparse entries: each region's top-k classes, then the true class."""
-    B, M, K = topk_idx.shape
-    inv_rest = 1.0 / (C - K) if C > K else 0.0                    # C = K: top-k covers every class, no spread
-    e = eps / (C - 1)                                             # hard region's mass on each wrong class
-    P = topk_prob.float()                                         # (B, M, K)
-    u = (1.0 - P.sum(2)) * inv_rest                               # (B, M) teacher mass per non-top-k class
-    hard = w_hard.sum(1, keepdim=True)                            # (B, 1)
-    U = (w_soft * u).sum(1, keepdim=True) + hard * e              # (B, 1)
-    V = w_soft[..., None] * (P - u[..., None])                    # (B, M, K)
-    idx = torch.cat([topk_idx.reshape(B, M * K), target[:, None]], 1).long()  # (B, M*K+1) may repeat classes
-    val = torch.cat([V.reshape(B, M * K), hard * (1.0 - eps - e)], 1)        # (B, M*K+1)
-    return U, idx, val
+def _softmax_lse(z):
+    """softmax(z) and the log-sum-exp of each row, both over dim 1.
+
+    torch.softmax is the cheapest exp on CPU (1.5x faster than torch.exp at C=1000, measured), but PyTorch's
+    kernel falls back to a scalar loop on rows shorter than a 16-float vector (3-5x slower at C=10 than at
+    C=32, measured): below C=32 four eager ops are faster, and they give the log-sum-exp for free.
+    """
+    if z.shape[1] < 32:
+        m = z.amax(1, keepdim=True)                               # (B, 1)
+        s = (z - m).exp_()                                        # (B, C) unnormalized
+        d = s.sum(1, keepdim=True)                                # (B, 1) >= 1
+        return s.div_(d), m + d.log()
+    s = torch.softmax(z, 1)                                       # (B, C)
+    return s, z.amax(1, keepdim=True) - s.amax(1, keepdim=True).log()  # max s = exp(max z - lse) >= 1/C
 
 
 def ferkd_loss_reference(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_mid, t_top, eps,
                          temperature=1.0):
-    """Pure-torch (loss, d loss / d logits) with no (B, C) target: gathers on M*K+1 entries + closed forms."""
-    C, T = logits.shape[1], temperature
-    w_soft, w_hard, norm = region_weights(p_gt, mix, t_low, t_mid, t_top)
-    U, idx, val = _sparse_target(topk_idx, topk_prob, target, w_soft, w_hard, C, eps)
+    """Pure-torch (loss, d loss / d logits) with no (B, C) target: ~35 eager ops, of which 6 touch (B, C).
+
+    Each region's target is a background b_m on every class plus K sparse entries v_mk at classes i_mk:
+    soft: b = u_m, v = P - u_m at I_m; hard: b = e, v = (1 - eps - e, 0, ..., 0) at (t, t, ..., t). Mixed with
+    a^: U = sum_m a^_m b_m and V = a^ v, at M*K (possibly repeated) classes. Signs are flipped (nU = -U,
+    nV = -V) so that the loss is one dot product and the gradient two in-place passes and a scatter-add.
+    """
+    B, C = logits.shape
+    M, K = topk_idx.shape[1:]
+    T = temperature
+    a, hard, kept = region_weights(p_gt, mix, t_low, t_mid, t_top)
+    a = a[..., None]                                              # (B, M, 1)
+    P = topk_prob.float()                                         # (B, M, K)
+    inv_rest = 1.0 / (C - K) if C > K else 0.0                    # C = K: top-k covers every class, no spread
+    nb = (P.sum(2, keepdim=True) - 1.0) * inv_rest                # (B, M, 1) -u_m
+    nv, idx = (P + nb).neg_(), topk_idx                           # (B, M, K) -(P - u_m) at the top-k classes
+    if t_mid > t_low:                                             # else no hard region (FKD, FerKD's default)
+        e = eps / (C - 1)                                         # hard region's mass on each wrong class
+        hard = hard[..., None]                                    # (B, M, 1)
+        nb = torch.where(hard, -e, nb)
+        nv = torch.where(hard, P.new_tensor([e + eps - 1.0] + [0.0] * (K - 1)), nv)
+        idx = torch.where(hard, target.view(B, 1, 1), idx)
+    nU = (a * nb).sum(1)                                          # (B, 1)
+    nV = (a * nv).view(B, M * K)                                  # (B, M*K)
+    idx = idx.reshape(B, M * K).long()                            # (B, M*K) may repeat classes
     z = logits.float() if T == 1 else logits.float() / T          # (B, C)
-    s = torch.softmax(z, 1)                                       # (B, C) one op; cheaper than log, then exp
-    lse = z.amax(1, keepdim=True) - s.amax(1, keepdim=True).log() # (B, 1) max s = exp(max z - lse) >= 1/C
-    y_sum = U * C + val.sum(1, keepdim=True)                      # (B, 1) 1 on kept rows, 0 on dropped ones
-    # -sum_c y_c log s_c, with log s_c = z_c - lse: the uniform part needs only the row sum of z
-    ce = lse * y_sum - U * z.sum(1, keepdim=True) - (val * z.gather(1, idx)).sum(1, keepdim=True)  # (B, 1)
-    loss = ce.sum() * (T * T / norm)
-    scale = T / norm
-    grad = s.mul_(y_sum * scale).sub_(U * scale)                  # (B, C) in place: no second buffer
-    grad.scatter_add_(1, idx, val * -scale)                       # scatter-add: repeated classes accumulate
-    return loss, grad.to(logits.dtype)
+    s, lse = _softmax_lse(z)                                      # (B, C), (B, 1)
+    # sum_c y_c is 1 on kept rows (u_m spreads the rest of the teacher's mass), unless C = K: sum_k P_mk there
+    y_sum = kept if C > K else -(nU * C + nV.sum(1, keepdim=True))  # (B, 1)
+    # sum_b CE_b = sum_b (y_sum_b lse_b - U_b sum_c z_bc - sum_j V_bj z_b,idx_bj): one dot product
+    w = torch.cat([y_sum, nU, nV], 1)                             # (B, 2 + M*K)
+    loss = (w * torch.cat([lse, z.sum(1, keepdim=True), z.gather(1, idx)], 1)).sum()
+    scale = T / kept.sum().clamp_min(1.0)                         # () T / N, a tensor: no host sync
+    w = w * scale
+    grad = s.mul_(w[:, :1]).add_(w[:, 1:2])                       # (B, C) in place: T (s y_sum - U) / N
+    grad.scatter_add_(1, idx, w[:, 2:])                           # scatter-add: repeated classes accumulate
+    return loss * (T * scale), grad.to(logits.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -125,7 +148,7 @@ def _ferkd_loss_kernel(
     row = logits_ptr + b * stride_row
     grad_row = grad_ptr + b * C
 
-    # Sparse target of this row (see _sparse_target): U + V on the top-k classes + H on the true class.
+    # Sparse target of this row (module docstring): U + V on the top-k classes + H on the true class.
     r = tl.arange(0, M_P)[:, None]                                # (M_P, 1) region
     k = tl.arange(0, K_P)[None, :]                                # (1, K_P) top-k slot
     rk = (r < M) & (k < K)
@@ -190,7 +213,10 @@ def ferkd_loss_triton(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, 
     """Same contract as ferkd_loss_reference, computed by the Triton kernel (CUDA, or TRITON_INTERPRET=1)."""
     B, C = logits.shape
     M, K = topk_idx.shape[1:]
-    w_soft, w_hard, norm = region_weights(p_gt, mix, t_low, t_mid, t_top)
+    a, hard, kept = region_weights(p_gt, mix, t_low, t_mid, t_top)
+    w_hard = torch.where(hard, a, 0.0)                            # (B, M) 0 on soft and dropped regions
+    w_soft = a - w_hard                                           # (B, M) exact: a - a = 0 on hard ones
+    norm = kept.sum().clamp_min(1.0)                              # () N on device: no host sync
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     grad = torch.empty((B, C), dtype=logits.dtype, device=logits.device)
