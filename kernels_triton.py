@@ -59,13 +59,13 @@ def region_category(p_gt, t_low, t_mid, t_top):
     return torch.where(kept, torch.where(p < t_mid, 1, 2), 0).to(torch.int8)
 
 
-def region_weights(p_gt, mix, t_low, t_mid, t_top):
-    """region_category as the loss applies it: renormalized mixing weights a (0 on dropped regions), which
-    regions are hard (where a > 0), and which rows keep a region (1.0) or none (0.0)."""
-    p = p_gt.float()                                              # (B, M) same compares as region_category
-    a = torch.where((p >= t_low) & (p <= t_top), mix.float(), 0.0)  # (B, M) weights of the kept regions
+def region_weights(p_gt, mix, t_low, t_top):
+    """region_category's kept regions as the loss weighs them: mixing weights renormalized per row (B, M), 0
+    on dropped regions; and which rows keep a region, (B, 1) 1.0 or 0.0. Needs t_low <= t_top."""
+    p = p_gt.float()                                              # (B, M) fp32 compares, as region_category
+    a = torch.where(p.clamp(t_low, t_top) == p, mix.float(), 0.0)  # (B, M) t_low <= p <= t_top in 2 ops
     total = a.sum(1, keepdim=True)                                # (B, 1) 0 when every region is dropped
-    return a / total.clamp_min(TINY), p < t_mid, total.sign()     # rows with total = 0 stay all-zero
+    return a / total.clamp_min(TINY), total.sign()                # rows with total = 0 stay all-zero
 
 
 def _softmax_lse(z):
@@ -96,7 +96,7 @@ def ferkd_loss_reference(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_lo
     B, C = logits.shape
     M, K = topk_idx.shape[1:]
     T = temperature
-    a, hard, kept = region_weights(p_gt, mix, t_low, t_mid, t_top)
+    a, kept = region_weights(p_gt, mix, t_low, t_top)
     a = a[..., None]                                              # (B, M, 1)
     P = topk_prob.float()                                         # (B, M, K)
     inv_rest = 1.0 / (C - K) if C > K else 0.0                    # C = K: top-k covers every class, no spread
@@ -104,7 +104,7 @@ def ferkd_loss_reference(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_lo
     nv, idx = (P + nb).neg_(), topk_idx                           # (B, M, K) -(P - u_m) at the top-k classes
     if t_mid > t_low:                                             # else no hard region (FKD, FerKD's default)
         e = eps / (C - 1)                                         # hard region's mass on each wrong class
-        hard = hard[..., None]                                    # (B, M, 1)
+        hard = (p_gt.float() < t_mid)[..., None]                  # (B, M, 1) where a > 0: hard region
         nb = torch.where(hard, -e, nb)
         nv = torch.where(hard, P.new_tensor([e + eps - 1.0] + [0.0] * (K - 1)), nv)
         idx = torch.where(hard, target.view(B, 1, 1), idx)
@@ -213,8 +213,8 @@ def ferkd_loss_triton(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, 
     """Same contract as ferkd_loss_reference, computed by the Triton kernel (CUDA, or TRITON_INTERPRET=1)."""
     B, C = logits.shape
     M, K = topk_idx.shape[1:]
-    a, hard, kept = region_weights(p_gt, mix, t_low, t_mid, t_top)
-    w_hard = torch.where(hard, a, 0.0)                            # (B, M) 0 on soft and dropped regions
+    a, kept = region_weights(p_gt, mix, t_low, t_top)
+    w_hard = torch.where(p_gt.float() < t_mid, a, 0.0)            # (B, M) 0 on soft and dropped regions
     w_soft = a - w_hard                                           # (B, M) exact: a - a = 0 on hard ones
     norm = kept.sum().clamp_min(1.0)                              # () N on device: no host sync
     if logits.stride(1) != 1:
@@ -270,6 +270,24 @@ def _loss_fwd_backward(ctx, grad_loss, _grad_of_grad):
 _loss_fwd.register_autograd(_loss_fwd_backward, setup_context=_loss_fwd_setup_context)
 
 
+class _EagerLoss(torch.autograd.Function):
+    """The op's forward and backward, for eager calls. custom_op's Python autograd wrapper costs ~40 us a call
+    with these 11 arguments (measured on CPU: more than the whole loss at C=10); a plain autograd.Function
+    ~10 us. torch.compile still sees the registered op (see ferkd_loss)."""
+
+    @staticmethod
+    def forward(ctx, logits, topk_idx, topk_prob, p_gt, target, mix, t_low, t_mid, t_top, eps, temperature):
+        fwd = ferkd_loss_triton if logits.is_cuda else ferkd_loss_reference  # = the op's kernels by device
+        loss, grad = fwd(logits, topk_idx, topk_prob, p_gt, target, mix, t_low=t_low, t_mid=t_mid,
+                         t_top=t_top, eps=eps, temperature=temperature)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _loss_fwd_backward(ctx, grad_loss, None)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Public API
 # ------------------------------------------------------------------------------------------------------------
@@ -286,9 +304,12 @@ def ferkd_loss(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_mid, 
     assert topk_idx.shape == topk_prob.shape and topk_idx.shape[0] == B, (topk_idx.shape, logits.shape)
     assert p_gt.shape == mix.shape == topk_idx.shape[:2] and target.shape == (B,), (p_gt.shape, target.shape)
     assert C >= 2 and topk_idx.shape[2] <= C and temperature > 0, (C, topk_idx.shape, temperature)
-    loss, _ = torch.ops.ferkd.loss_fwd(logits, topk_idx, topk_prob, p_gt, target, mix, float(t_low),
-                                       float(t_mid), float(t_top), float(eps), float(temperature))
-    return loss
+    assert t_low <= t_top, (t_low, t_top)                         # else region_weights' clamp misfiles
+    args = (logits, topk_idx, topk_prob, p_gt, target, mix, float(t_low), float(t_mid), float(t_top),
+            float(eps), float(temperature))
+    if torch.compiler.is_compiling():                             # one opaque op in the graph: no graph break
+        return torch.ops.ferkd.loss_fwd(*args)[0]
+    return _EagerLoss.apply(*args)
 
 
 # ------------------------------------------------------------------------------------------------------------
