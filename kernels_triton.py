@@ -115,14 +115,14 @@ def ferkd_loss_reference(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_lo
     s, lse = _softmax_lse(z)                                      # (B, C), (B, 1)
     # sum_c y_c is 1 on kept rows (u_m spreads the rest of the teacher's mass), unless C = K: sum_k P_mk there
     y_sum = kept if C > K else -(nU * C + nV.sum(1, keepdim=True))  # (B, 1)
-    # sum_b CE_b = sum_b (y_sum_b lse_b - U_b sum_c z_bc - sum_j V_bj z_b,idx_bj): one dot product
-    w = torch.cat([y_sum, nU, nV], 1)                             # (B, 2 + M*K)
-    loss = (w * torch.cat([lse, z.sum(1, keepdim=True), z.gather(1, idx)], 1)).sum()
-    scale = T / kept.sum().clamp_min(1.0)                         # () T / N, a tensor: no host sync
-    w = w * scale
+    # sum_b CE_b = sum_b (y_sum_b lse_b - U_b sum_c z_bc - sum_j V_bj z_b,idx_bj): one dot product, of rows
+    # already scaled by the gradient's T / N (the loss's T^2 / N is one more T)
+    w = torch.cat([y_sum, nU, nV], 1) / (kept.sum().clamp_min(1.0) / T)  # (B, 2 + M*K) N: a tensor, no sync
+    zz = torch.cat([lse, z.sum(1, keepdim=True), z.gather(1, idx)], 1)   # (B, 2 + M*K)
+    loss = torch.dot(w.view(-1), zz.view(-1)) * T
     grad = s.mul_(w[:, :1]).add_(w[:, 1:2])                       # (B, C) in place: T (s y_sum - U) / N
     grad.scatter_add_(1, idx, w[:, 2:])                           # scatter-add: repeated classes accumulate
-    return loss * (T * scale), grad.to(logits.dtype)
+    return loss, grad.to(logits.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -367,28 +367,43 @@ def _peak_cpu_bytes(fn):
     return peak
 
 
-def benchmark():
+def benchmark(reps=100):
+    """CPU: the torch path vs FKD's dense target, at each thread count from 1 to the default; then CUDA."""
     fkd = dict(t_low=0.0, t_mid=0.0, t_top=1.0, eps=0.0)          # plain FKD: both ways compute the same loss
-    print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.get_num_threads()} CPU threads")
-    print("\nCPU, fp32 logits, loss + backward, M=1, K=5, median of 30 interleaved calls")
-    print("| B | C | FKD dense target (ms) | ferkd_loss torch path (ms) | speed-up | peak MB: dense | ours |")
-    print("|---|---|---|---|---|---|---|")
+    threads = sorted({1, torch.get_num_threads()})
+    print(f"torch {torch.__version__}, triton {triton.__version__}, CPU threads {threads}")
+    print(f"\nCPU, fp32 logits, loss + backward, M=1, K=5, median of {reps} interleaved calls after 3 "
+          "warm-up rounds.")
+    print("Peak: most bytes of CPU tensors alive at once in one call (torch.profiler's memory timeline).")
+    print("| threads | B | C | FKD dense target (ms) | ferkd_loss torch path (ms) | speed-up | peak MB: dense"
+          " | ours |")
+    print("|---|---|---|---|---|---|---|---|")
     for B, C in [(256, 1000), (256, 10), (256, 22000)]:
         x = _bench_batch(B, C, 5, "cpu", torch.float32)
         ones = torch.ones(B, 1)
+        losses = {}
 
         def dense():
             x["logits"].grad = None
-            fkd_dense_loss(x["logits"], x["topk_idx"], x["topk_prob"]).backward()
+            losses["dense"] = fkd_dense_loss(x["logits"], x["topk_idx"], x["topk_prob"])
+            losses["dense"].backward()
 
         def ours():
             x["logits"].grad = None
-            ferkd_loss(x["logits"], x["topk_idx"][:, None], x["topk_prob"][:, None], ones, x["target"], ones,
-                       **fkd).backward()
+            losses["ours"] = ferkd_loss(x["logits"], x["topk_idx"][:, None], x["topk_prob"][:, None], ones,
+                                        x["target"], ones, **fkd)
+            losses["ours"].backward()
 
-        ms = _time_ms([dense, ours], 30)
-        mb = [_peak_cpu_bytes(fn) / 2**20 for fn in (dense, ours)]
-        print(f"| {B} | {C} | {ms[0]:.3f} | {ms[1]:.3f} | {ms[0] / ms[1]:.2f}x | {mb[0]:.2f} | {mb[1]:.2f} |")
+        ms = {}
+        for n in threads:
+            torch.set_num_threads(n)
+            ms[n] = _time_ms([dense, ours], reps)
+        torch.testing.assert_close(losses["ours"], losses["dense"])  # the same loss, timed two ways
+        mb = [_peak_cpu_bytes(fn) / 2**20 for fn in (dense, ours)]  # thread count does not change it
+        for n, (t_dense, t_ours) in ms.items():
+            print(f"| {n} | {B} | {C} | {t_dense:.3f} | {t_ours:.3f} | {t_dense / t_ours:.2f}x "
+                  f"| {mb[0]:.2f} | {mb[1]:.2f} |")
+    torch.set_num_threads(threads[-1])
 
     if not torch.cuda.is_available():
         print("\nno CUDA device: the Triton kernel was not timed")

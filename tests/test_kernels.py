@@ -20,7 +20,8 @@ FERKD = dict(t_low=0.2, t_mid=0.5, t_top=0.9)
 FKD = dict(t_low=0.0, t_mid=0.0, t_top=1.0)
 CASES = ["dropped", "hard", "soft", "mixed", "fkd"]
 # (B, C, K, M): an odd shape, C=10 and C=1000, M in {1, 2}, C = K (no uniform spread), seeded random ones.
-SHAPES = [(37, 1001, 5, 1), (37, 1001, 5, 2), (16, 10, 3, 1), (16, 10, 3, 2), (8, 1000, 10, 2), (6, 4, 4, 2)]
+SHAPES = [(37, 1001, 5, 1), (37, 1001, 5, 2), (16, 10, 3, 1), (16, 10, 3, 2), (8, 1000, 10, 2), (6, 4, 4, 2),
+          (9, 31, 4, 2), (9, 32, 4, 2)]                                  # both sides of _softmax_lse's switch
 _rng = torch.Generator().manual_seed(2312)
 for _ in range(3):
     _C = int(torch.randint(2, 3000, (), generator=_rng))
@@ -166,6 +167,19 @@ def test_region_category_boundaries():
 
 
 # ---- torch.library registration ----------------------------------------------------------------------------
+
+
+def test_eager_function_matches_registered_op():
+    """Eager ferkd_loss skips custom_op's autograd wrapper (a plain autograd.Function around the same
+    kernels); the registered op, which torch.compile traces, must give the same loss and gradient bit for
+    bit."""
+    batch, th = make_batch(37, 1001, 5, 2, "mixed", seed=9)
+    loss, grad = run_op(batch, th, eps=0.1, temperature=2.0, grad_out=0.37)
+    logits = batch["logits"].clone().requires_grad_()
+    labels = [batch[k] for k in ("topk_idx", "topk_prob", "p_gt", "target", "mix")]
+    op_loss, _ = torch.ops.ferkd.loss_fwd(logits, *labels, th["t_low"], th["t_mid"], th["t_top"], 0.1, 2.0)
+    op_loss.backward(torch.tensor(0.37))
+    torch.testing.assert_close((op_loss.detach(), logits.grad), (loss, grad), rtol=0, atol=0)
 
 
 @pytest.mark.timeout(120)
