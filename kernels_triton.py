@@ -273,7 +273,11 @@ _loss_fwd.register_autograd(_loss_fwd_backward, setup_context=_loss_fwd_setup_co
 class _EagerLoss(torch.autograd.Function):
     """The op's forward and backward, for eager calls. custom_op's Python autograd wrapper costs ~40 us a call
     with these 11 arguments (measured on CPU: more than the whole loss at C=10); a plain autograd.Function
-    ~10 us. torch.compile still sees the registered op (see ferkd_loss)."""
+    ~10 us. torch.compile still sees the registered op (see ferkd_loss).
+
+    The gradient buffer is this function's alone, so backward scales it in place, as Liger-Kernel's
+    cross-entropy does: one (B, C) buffer at the peak instead of two. The cost: a second backward through
+    the same graph (retain_graph=True) raises autograd's "modified by an inplace operation" error."""
 
     @staticmethod
     def forward(ctx, logits, topk_idx, topk_prob, p_gt, target, mix, t_low, t_mid, t_top, eps, temperature):
@@ -285,7 +289,8 @@ class _EagerLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return _loss_fwd_backward(ctx, grad_loss, None)
+        (grad,) = ctx.saved_tensors
+        return (grad.mul_(grad_loss),) + (None,) * 10             # nothing flows to labels or thresholds
 
 
 # ------------------------------------------------------------------------------------------------------------

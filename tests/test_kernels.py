@@ -166,6 +166,18 @@ def test_region_category_boundaries():
     assert region_category(p, **FKD).tolist() == [2] * 8
 
 
+def test_second_backward_raises_not_silently_wrong():
+    """Eager backward scales the saved gradient in place: a second pass through the graph must fail loudly."""
+    from kernels_triton import ferkd_loss
+
+    batch, th = make_batch(8, 50, 5, 1, "soft", seed=2)
+    logits = batch["logits"].clone().requires_grad_()
+    loss = ferkd_loss(**{**batch, "logits": logits}, **th, eps=0.1)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
 # ---- torch.library registration ----------------------------------------------------------------------------
 
 
