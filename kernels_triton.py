@@ -9,13 +9,20 @@
 The (B, C) soft target is never built: each row's target is a constant plus M*K + 1 sparse entries, so the
 loss and its gradient need one pass over the logits for the log-sum-exp and one to write the gradient. The
 gradient is computed in the forward pass (the loss is terminal, as in Liger-Kernel's cross-entropy) and scaled
-by the upstream gradient in backward.
+in place by the upstream gradient in backward.
 
-Measured (`python kernels_triton.py`, 2-core AMD EPYC, loss + backward, B=256, fp32, 6 runs): the CPU torch
-path vs FKD's dense target is 1.6-2.6x faster at C=22k but 0.6x at C=1000 (the dense side is bimodal,
-0.23-1.06 ms, so the ratio ranged 0.58-1.8x) and 0.36x at C=10: at these sizes ~60 small eager ops and the
-custom op's autograd wrapper cost more than the dense passes they avoid. Peak memory is equal (three (B, C)
-fp32 buffers each: the gradient buffers dominate, not the target). No GPU timing of the kernel yet.
+Measured (`python kernels_triton.py`, 2-core AMD EPYC (AVX-512), torch 2.14.1, loss + backward, B=256, M=1,
+K=5, fp32, median of 100 interleaved calls), the CPU torch path vs FKD's dense target, 5 runs with
+MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=134217728 in the environment: C=1000 0.99-1.01x (0.32
+vs 0.32 ms, 1 thread), 0.80-0.92x (2 threads); C=10 0.80x (0.12 vs 0.10 ms), 0.65x; C=22k 1.3-1.5x. Without
+those settings glibc's malloc can hand the dense way's freed 1 MB buffers back to the kernel and fault them in
+again (160-240 minor faults per call, measured with getrusage), in some runs and not in others: its time is
+then bimodal (0.32 or 0.65-0.86 ms at C=1000) and the ratio ~1x or 1.9-2.2x (1 thread), 2.4-3.3x at C=22k
+(7 runs). Peak memory: one (B, C) fp32 buffer instead of three (1.0 vs 2.9 MB at C=1000). Up to C=1000 both
+ways make about as many passes over (B, C), softmax dominating; what is left is ~35 eager ops on
+(B, M*K)-sized tensors (~2 us each) and the autograd.Function (~25 us), which the dense way's ~8 ops and C++
+backward do not pay. torch.compile of the torch path reached 1.4x at C=10 (80 us, one run): the 3x of the
+issue is not reached from Python on this CPU. No GPU timing of the kernel yet.
 
 Legend: B rows, C classes, M regions mixed into a row (SelfMix; M=1 without it), K teacher top-k per region,
 T temperature, z = logits / T, s = softmax(z), I/P = teacher top-k classes/probabilities, p = teacher
@@ -356,6 +363,17 @@ def _time_ms(fns, reps, sync=lambda: None):
     return [sorted(ts[3:])[reps // 2] * 1e3 for ts in times]
 
 
+def _page_faults(fn, calls=20):
+    """Minor page faults per call: glibc's malloc may hand freed (B, C) buffers back to the kernel and fault
+    them in again on the next call, which makes the dense way's time bimodal (see the module docstring)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def _peak_cpu_bytes(fn):
     """Peak bytes of the CPU tensors created while fn runs: the tensor lifetimes behind the profiler's
     export_memory_timeline (a private module; fine for a benchmark, not for the training path)."""
@@ -380,9 +398,10 @@ def benchmark(reps=100):
     print(f"\nCPU, fp32 logits, loss + backward, M=1, K=5, median of {reps} interleaved calls after 3 "
           "warm-up rounds.")
     print("Peak: most bytes of CPU tensors alive at once in one call (torch.profiler's memory timeline).")
+    print("Faults: minor page faults per call, after the timing (see _page_faults).")
     print("| threads | B | C | FKD dense target (ms) | ferkd_loss torch path (ms) | speed-up | peak MB: dense"
-          " | ours |")
-    print("|---|---|---|---|---|---|---|---|")
+          " | ours | faults: dense | ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for B, C in [(256, 1000), (256, 10), (256, 22000)]:
         x = _bench_batch(B, C, 5, "cpu", torch.float32)
         ones = torch.ones(B, 1)
@@ -404,10 +423,11 @@ def benchmark(reps=100):
             torch.set_num_threads(n)
             ms[n] = _time_ms([dense, ours], reps)
         torch.testing.assert_close(losses["ours"], losses["dense"])  # the same loss, timed two ways
+        faults = [_page_faults(fn) for fn in (dense, ours)]
         mb = [_peak_cpu_bytes(fn) / 2**20 for fn in (dense, ours)]  # thread count does not change it
         for n, (t_dense, t_ours) in ms.items():
             print(f"| {n} | {B} | {C} | {t_dense:.3f} | {t_ours:.3f} | {t_dense / t_ours:.2f}x "
-                  f"| {mb[0]:.2f} | {mb[1]:.2f} |")
+                  f"| {mb[0]:.2f} | {mb[1]:.2f} | {faults[0]:.0f} | {faults[1]:.0f} |")
     torch.set_num_threads(threads[-1])
 
     if not torch.cuda.is_available():
