@@ -76,6 +76,7 @@ class TrainConfig:
     keep_ckpts: int = 2           # how many of the newest ckpt-STEP.pt files to keep
     resume: bool = False          # insist on resuming (an error if run_dir holds no checkpoint)
     overwrite: bool = False       # discard what run_dir holds and start again
+    tensorboard: bool = True      # also log to RUN_DIR/tb when the tensorboard package is installed
 
     def __post_init__(self):  # thresholds left at -1 take the mode's default; t_mid then follows t_low
         picked = dict(FERKD_DEFAULTS if self.kd == "ferkd" else NEUTRAL)
@@ -97,7 +98,7 @@ NEUTRAL = dict(t_low=0.0, t_mid=0.0, t_top=1.0)  # every region kept as the teac
 # Flags that may change between a run and its resumption: they do not change what is computed
 # (device: a run may move machines, at the price of bit-exactness)
 RESUME_HARMLESS = {"run_dir", "num_workers", "device", "compile", "ckpt_every", "keep_ckpts", "resume",
-                   "overwrite"}
+                   "overwrite", "tensorboard"}
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -236,7 +237,8 @@ def checkpoint_res(ckpt):
 # Data: which regions each epoch replays, and the targets the loss sees
 
 def region_plans(c, header, table, heights, widths):
-    """Returns (fill(epoch) -> choice, kept image indices). `fill` writes the epoch's pixel boxes into the
+    """Returns (plan, fill(epoch) -> choice, kept image indices, region categories (N, R) or None).
+    `fill` writes the epoch's pixel boxes into the
     decoder's plan (N, crops, 5) in place and returns the region chosen for each (image, crop), or None.
     Chosen once per run, so the step never branches on the mode."""
     N = len(heights)
@@ -249,12 +251,13 @@ def region_plans(c, header, table, heights, widths):
             plan[..., :4] = box_pixels(q, heights[:, None], widths[:, None])
             plan[..., 4] = f.reshape(N, c.crops)
             return None
-        return plan, fill, np.arange(N)
+        return plan, fill, np.arange(N), None
 
     R, k = header["regions"], header["k"]
     from kernels_triton import region_category
     _, _, pgt, flip = unpack_regions(torch.from_numpy(table), k)
-    keep = (region_category(pgt, c.t_low, c.t_mid, c.t_top) > 0).numpy()  # FerKD: dropped ones never replayed
+    cat = region_category(pgt, c.t_low, c.t_mid, c.t_top)  # (N, R) 0 dropped, 1 hard, 2 soft
+    keep = (cat > 0).numpy()  # FerKD: dropped regions are never replayed
     count = keep.sum(1)
     images = np.flatnonzero(count > 0)
     boxes = box_pixels(table[..., :4], heights[:, None], widths[:, None])  # (N, R, 4)
@@ -272,7 +275,7 @@ def region_plans(c, header, table, heights, widths):
         plan[..., :4] = boxes[rows, choice]
         plan[..., 4] = flip[rows, choice]
         return torch.from_numpy(choice)
-    return plan, fill, images
+    return plan, fill, images, cat
 
 
 def ce_loss(label_smoothing):
@@ -504,6 +507,33 @@ def run_metadata(device):
     return dict(versions=versions, git_revision=revision, git_dirty=dirty, device_name=name,
                 host=platform.node())
 
+def write_metrics(run_dir, history):
+    """metrics.jsonl and metrics.csv, rewritten whole from the checkpointed history at each epoch end: a run
+    resumed from a checkpoint drops the epochs a kill lost with it instead of logging them twice."""
+    import csv
+    import io
+    atomic_write(run_dir / "metrics.jsonl", lambda p: p.write_text("".join(json.dumps(m) + "\n"
+                                                                           for m in history)))
+    columns = list(dict.fromkeys(k for m in history for k in m))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(run_dir / "metrics.csv", lambda p: p.write_text(table.getvalue()))
+
+
+def tensorboard_writer(c, run_dir, epochs_done):
+    """A SummaryWriter for RUN_DIR/tb when asked for and installed (an optional dependency), else None.
+    `purge_step` hides events a killed run wrote after its last checkpoint."""
+    if not c.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's writer imports the tensorboard package
+        print0("tensorboard is not installed: metrics go to metrics.jsonl and metrics.csv only")
+        return None
+    return SummaryWriter(str(run_dir / "tb"), purge_step=epochs_done + 1)
+
 # -----------------------------------------------------------------------------
 # `ferkd.py train`
 
@@ -589,7 +619,7 @@ def train(**flags):
     res = (header or {}).get("res") or c.res or ds.res
     num_classes = len(ds.classes)
     heights, widths = image_sizes(train_path)
-    plan, fill_plan, images = region_plans(c, header, table, heights, widths)
+    plan, fill_plan, images, category = region_plans(c, header, table, heights, widths)
     if c.subset:
         images = images[images < c.subset]
     if c.batch_size % world:
@@ -603,13 +633,11 @@ def train(**flags):
     if steps_per_epoch < 1:
         raise UserError(f"{len(images)} training images give no full batch of --batch_size={c.batch_size}")
     total_steps = steps_per_epoch * c.epochs
-    if c.kd == "ferkd":
-        from kernels_triton import region_category
-        pgt = unpack_regions(torch.from_numpy(table), header["k"])[2]
-        cat = region_category(pgt, c.t_low, c.t_mid, c.t_top)
-        share = [(cat == i).float().mean().item() for i in range(3)]
-        print0(f"regions at t_low={c.t_low} t_mid={c.t_mid} t_top={c.t_top}: dropped {share[0]:.1%}, "
-               f"hard {share[1]:.1%}, soft {share[2]:.1%}; {len(images)} of {len(heights)} images keep one")
+    shares = None
+    if c.kd != "none":
+        shares = [(category == i).float().mean().item() for i in range(3)]
+        print0(f"regions at t_low={c.t_low} t_mid={c.t_mid} t_top={c.t_top}: dropped {shares[0]:.1%}, "
+               f"hard {shares[1]:.1%}, soft {shares[2]:.1%}; {len(images)} of {len(heights)} images keep one")
 
     # run directory: continue from its newest checkpoint, or start afresh
     state = open_run_dir(c, run_dir, header)
@@ -654,16 +682,17 @@ def train(**flags):
                   rows_per_step=c.batch_size * c.crops, steps_per_epoch=steps_per_epoch,
                   total_steps=total_steps, peak_lr=peak_lr, res=res,
                   device=str(device), compiled=compiled, train_images=len(images), num_classes=num_classes,
-                  resumed_at_step=step, **run_metadata(device), label_header=header)
+                  resumed_at_step=step, region_shares=shares and dict(zip(("dropped", "hard", "soft"), shares)),
+                  **run_metadata(device), label_header=header)
     print0(json.dumps({k: v for k, v in config.items() if k != "label_header"}))
     if state is not None:
         print0(f"resuming {run_dir} at step {step} of {total_steps} (epoch {step // steps_per_epoch + 1}, "
                f"batch {step % steps_per_epoch})")
+    tb = None
     if rank == 0:
         atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
-        # the log is rewritten from the checkpoint: epochs run after it, lost with a kill, are not doubled
-        atomic_write(run_dir / "metrics.jsonl", lambda p: p.write_text("".join(json.dumps(m) + "\n"
-                                                                               for m in history)))
+        write_metrics(run_dir, history)
+        tb = tensorboard_writer(c, run_dir, len(history))
 
     def save_state(path):  # a collective (RNG states are gathered): every rank calls it, rank 0 writes
         rng = rng_states(generator, device)
@@ -709,15 +738,24 @@ def train(**flags):
         metrics = dict(epoch=epoch + 1, loss=math.fsum(epoch_losses) / len(epoch_losses), **test,
                        lr=optimizer.param_groups[0]["lr"], train_seconds=round(t_train, 1),
                        images_per_s=round((steps_per_epoch - skip) * rows / t_epoch, 1))
+        if choice is not None:  # the categories of the regions replayed this epoch (all ranks' images)
+            replayed = category[images[:, None], choice[images]]
+            metrics.update(hard_regions=int((replayed == 1).sum()), soft_regions=int((replayed == 2).sum()))
         history.append(metrics)
         epoch_losses = []
         print0(json.dumps(metrics))
         save_state(run_dir / ("final.pt" if epoch + 1 == c.epochs else f"ckpt-{step:08d}.pt"))
         if rank == 0:
-            with open(run_dir / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(metrics) + "\n")
+            write_metrics(run_dir, history)
+            if tb is not None:
+                for key, value in metrics.items():
+                    if key != "epoch":
+                        tb.add_scalar(key, value, epoch + 1)
+                tb.flush()
     if rank == 0:
         atomic_write(run_dir / "final.json", lambda p: p.write_text(json.dumps(metrics)))
+        if tb is not None:
+            tb.close()
     print0(json.dumps(metrics))
     if dist.is_initialized():
         dist.destroy_process_group()

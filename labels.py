@@ -51,7 +51,11 @@ import torch
 import torch.nn.functional as F
 from numba.core import cgutils, types
 from numba.extending import intrinsic
-from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+
+_torch_threads = torch.get_num_threads()
+from ffcv.fields.rgb_image import SimpleRGBImageDecoder  # noqa: E402
+torch.set_num_threads(_torch_threads)  # importing FFCV sets torch to 1 thread (ffcv/pipeline/compiler.py);
+# its Loader later sets torch's threads to its num_workers, for every epoch
 
 SCHEMA_VERSION = 1
 MAGIC = b"FERKDHDR"

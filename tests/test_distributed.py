@@ -79,7 +79,7 @@ table = labels.read_regions(label_file, header)
 images = torch.from_numpy(ds.images[:, None])  # (N, 1, 16, 16, 3) uint8
 labels_all = torch.from_numpy(ds.labels)
 c = ferkd.TrainConfig(kd="fkd", labels=label_file)
-_, fill, _ = ferkd.region_plans(c, header, table, h, w)
+_, fill, _, _ = ferkd.region_plans(c, header, table, h, w)
 choice = fill(0)
 
 def run(mode, ddp):

@@ -1,4 +1,5 @@
 """FerKD in training: region selection by p_gt, SelfMix, and ferkd == fkd at neutral thresholds."""
+import csv
 import json
 
 import numpy as np
@@ -28,7 +29,7 @@ def test_region_selection_respects_thresholds(t_low, t_mid, t_top):
     N, R = table.shape[:2]
     c = ferkd.TrainConfig(kd="ferkd", labels="x", crops=2, t_low=t_low, t_mid=t_mid, t_top=t_top)
     h = w = np.full(N, 32)
-    plan, fill, images = ferkd.region_plans(c, dict(regions=R, k=5), table, h, w)
+    plan, fill, images, _ = ferkd.region_plans(c, dict(regions=R, k=5), table, h, w)
     pgt = labels.unpack_regions(torch.from_numpy(table), 5)[2]
     kept = (region_category(pgt, t_low, t_mid, t_top) > 0).numpy()
     assert np.array_equal(images, np.flatnonzero(kept.any(1)))  # images with no kept region are never loaded
@@ -101,6 +102,21 @@ def test_ferkd_with_selfmix_trains(built, tmp_path):
             "--batch_size=64", f"--run_dir={tmp_path / 'r'}")
     assert "dropped" in p.stdout and "hard" in p.stdout  # category counts printed before training
     assert json.loads(p.stdout.strip().splitlines()[-1])["top1"] > 50
+    # every epoch logs the categories of the regions it replayed, as JSONL, CSV and TensorBoard scalars
+    run = tmp_path / "r"
+    config = json.loads((run / "config.json").read_text())
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and sum(config["region_shares"].values()) == pytest.approx(1)
+    for m in log:
+        assert m["hard_regions"] > 0 and m["hard_regions"] + m["soft_regions"] == 2 * config["train_images"]
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [{k: float(v) for k, v in r.items()} for r in rows] == [{k: float(v) for k, v in m.items()} for m in log]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("top1")] == \
+        [(m["epoch"], round(m["top1"], 4)) for m in log]
 
 
 def test_threshold_defaults_follow_the_mode():
