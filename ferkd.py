@@ -18,6 +18,7 @@ Checkpoints (`RUN_DIR/ckpt-STEP.pt`, every --ckpt_every steps and each epoch) re
 re-run the same command, or add --resume to insist on it.
 """
 import dataclasses
+import io
 import json
 import math
 import os
@@ -200,9 +201,20 @@ def atomic_write(path, write):
         tmp.unlink(missing_ok=True)
 
 
+def write_synced(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+
+
 def save_checkpoint(path, state):
-    """`state` holds at least model, config (with arch) and classes: what `load_checkpoint` needs."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """`state` holds at least model, config (with arch) and classes: what `load_checkpoint` needs.
+    Serialized in memory first: torch.save into a file reports a full disk as an opaque RuntimeError from its
+    zip writer, a plain write as the OSError the user can act on."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda tmp: write_synced(tmp, buffer.getbuffer()))
 
 
 def load_checkpoint(path, arch=None):
@@ -680,7 +692,7 @@ def train(**flags):
 
     config = dict(dataclasses.asdict(c), world_size=world, per_rank_batch=per_rank,
                   rows_per_step=c.batch_size * c.crops, steps_per_epoch=steps_per_epoch,
-                  total_steps=total_steps, peak_lr=peak_lr, res=res,
+                  total_steps=total_steps, peak_lr=peak_lr, train_res=res,
                   device=str(device), compiled=compiled, train_images=len(images), num_classes=num_classes,
                   resumed_at_step=step, region_shares=shares and dict(zip(("dropped", "hard", "soft"), shares)),
                   **run_metadata(device), label_header=header)

@@ -166,3 +166,67 @@ def test_plot_writes_a_png(tmp_path):
     cli("ferkd.py", "plot", tmp_path / "ce", tmp_path / "fkd", f"--out={out}")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "not found" in one_error_line(cli("ferkd.py", "plot", tmp_path / "nope", check=False))
+
+
+def image_folder(root, corrupt=None):
+    """A 2-class ImageFolder (train/ and val/, 3 PNGs per class each); `corrupt` names a file to garble."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (24, 20, 3), np.uint8)).save(root / split / name / f"{i}.png")
+    if corrupt:
+        (root / corrupt).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(50))  # a PNG signature, then garbage
+    return root
+
+
+def test_corrupt_image_is_named(tmp_path):
+    data = image_folder(tmp_path / "images", corrupt="train/dog/1.png")
+    before = sorted((ROOT / "data").iterdir()) if (ROOT / "data").exists() else []
+    p = cli("ferkd.py", "train", f"--data=imagefolder:{data}", "--kd=none", f"--run_dir={tmp_path / 'r'}",
+            check=False)
+    line = one_error_line(p)
+    assert "cannot decode image" in line and str(data / "train" / "dog" / "1.png") in line, line
+    assert (sorted((ROOT / "data").iterdir()) if (ROOT / "data").exists() else []) == before  # no cache left
+
+
+@pytest.mark.parametrize("layout", ["no class folders", "empty class folders"])
+def test_empty_dataset_refused(built, tmp_path, layout):
+    teacher, _ = built
+    data = tmp_path / "images"
+    (data / "train").mkdir(parents=True)
+    (data / "val").mkdir()
+    if layout == "empty class folders":
+        for split in ("train", "val"):
+            (data / split / "cat").mkdir()
+            (data / split / "cat" / "notes.txt").write_text("not an image")
+    out = tmp_path / "labels.beton"
+    p = cli("labels.py", "build", f"--data=imagefolder:{data}", f"--teacher={teacher}", f"--out={out}",
+            check=False)
+    assert "holds no images" in one_error_line(p)
+    assert not list(tmp_path.glob("labels.beton*"))
+
+
+def test_full_disk_while_checkpointing(built, tmp_path):
+    """The process may write files of at most 64 KiB (RLIMIT_FSIZE: a write past it fails with EFBIG, as a
+    full disk fails with ENOSPC): config.json and the metrics logs fit, the first checkpoint does not. One error
+    line naming the checkpoint, no temporary file left, and the same command then runs to the end."""
+    import resource
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of failing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+    _, path = built
+    run = tmp_path / "r"
+    args = [sys.executable, "ferkd.py", "train", "--data=digits", f"--labels={path}", "--kd=fkd",
+            "--arch=small16", "--epochs=1", "--batch_size=64", "--ckpt_every=5", f"--run_dir={run}"]
+    p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    line = one_error_line(p)
+    assert "could not write" in line and "ckpt-00000005.pt" in line and "too large" in line, line
+    assert sorted(f.name for f in run.iterdir()) == ["config.json", "metrics.csv", "metrics.jsonl", "tb"]
+    json.loads((run / "config.json").read_text())
+    p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert last_json(p.stdout)["epoch"] == 1 and (run / "final.pt").is_file()
