@@ -1,0 +1,41 @@
+"""The README's usage commands, run as written except for the data set (digits instead of Fashion-MNIST) and
+one epoch per training run: each flag must exist and each command must find what the one before it wrote."""
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def usage_commands():
+    """The `python ...` lines of the bash blocks in README's "## Use" section, continuation lines joined."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Use\n", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #", 1)[0].strip()
+            if line.startswith("python "):
+                lines.append(line)
+    return lines
+
+
+def test_readme_usage_commands_run(tmp_path):
+    commands = usage_commands()
+    assert [shlex.split(c)[1:3] for c in commands][:2] == [["ferkd.py", "train"], ["labels.py", "build"]]
+    assert len(commands) >= 9, commands  # train, build, inspect, show, fkd, ferkd, eval, export, plot
+    for command in commands:
+        args = [a.replace("--data=fashion-mnist", "--data=digits") for a in shlex.split(command)[1:]]
+        if args[1] == "train":
+            args = [a for a in args if not a.startswith("--epochs=")] + ["--epochs=1", "--batch_size=64"]
+        p = subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+        assert p.returncode == 0, f"{command}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+    for out in ("runs/teacher/final.pt", "data/fm.beton", "regions.png", "runs/fkd/final.pt", "runs/ferkd/final.pt",
+                "fkd.pt2", "curves.png"):
+        assert (tmp_path / out).is_file(), out
