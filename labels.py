@@ -31,10 +31,13 @@ past it, so FFCV reads the file as usual. `read_header` checks every length, so 
 The same FFCV decoder (`RegionCrop`) crops, resizes and flips for the teacher here and for the student in
 ferkd.py, so the teacher sees each region exactly as the trainer replays it.
 """
+import contextlib
 import dataclasses
+import errno
 import gzip
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import struct
@@ -74,6 +77,11 @@ def run_cli(commands):
         fire.Fire(commands)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a write that found the disk full anywhere else: finished files are intact (atomic)
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        print(f"error: out of disk space: {e}", file=sys.stderr)
         sys.exit(2)
 
 # -----------------------------------------------------------------------------
@@ -313,13 +321,70 @@ def write_beton(path, ds, regions=None, num_workers=2, quiet=None):
         fields["regions"] = NDArrayField(np.dtype("uint8"), regions.shape[1:])
     if quiet is None:  # progress only for a person at a terminal: logs and captured stderr stay clean
         quiet = not sys.stderr.isatty()
-    bar = ffcv.writer.tqdm
+    bar, process = ffcv.writer.tqdm, ffcv.writer.Process
     ffcv.writer.tqdm = functools.partial(bar, disable=quiet, desc="images", unit="img")  # its bar has no flag
+    ffcv.writer.Process = _WriterProcess
+    writer = DatasetWriter(str(path), fields, num_workers=num_workers)
     try:
-        DatasetWriter(str(path), fields, num_workers=num_workers).from_indexed_dataset(
-            _FFCVSource(ds, regions, None), chunksize=256)
+        with _WriterProcess.watch():
+            writer.from_indexed_dataset(_FFCVSource(ds, regions, None), chunksize=256)
+    except _WriterDied as e:
+        writer.metadata_sm.unlink()  # FFCV unlinks its shared memory only when it finishes
+        raise UserError(f"could not write {path}: {e}") from None
+    except OSError as e:  # the allocation table is written by this process
+        raise UserError(f"could not write {path}: {e}") from None
     finally:
-        ffcv.writer.tqdm = bar
+        ffcv.writer.tqdm, ffcv.writer.Process = bar, process
+
+
+class _WriterDied(Exception):
+    pass
+
+
+class _WriterProcess(multiprocessing.Process):
+    """FFCV's writer waits for its worker processes by polling a counter they raise, so a worker that fails
+    (a full disk, a bad sample) leaves it waiting forever (NOTES.md). Its workers are made of this class: a
+    failing one sends its error through a pipe and exits, and `watch` interrupts the waiting main thread."""
+    errors = None    # multiprocessing.SimpleQueue of "Type: message" from failed workers
+    started = []
+
+    def start(self):
+        _WriterProcess.started.append(self)
+        super().start()
+
+    def run(self):
+        try:
+            super().run()
+        except BaseException as e:  # report it here: the parent prints one line, not the worker's traceback
+            _WriterProcess.errors.put(f"{type(e).__name__}: {e}")
+            os._exit(1)
+
+    @classmethod
+    @contextlib.contextmanager
+    def watch(cls):
+        import _thread
+        import threading
+        cls.errors, cls.started, done, failed = multiprocessing.SimpleQueue(), [], threading.Event(), []
+
+        def watchdog():
+            while not done.wait(0.2):
+                if any(p.exitcode not in (None, 0) for p in cls.started):
+                    failed.append(cls.errors.get() if not cls.errors.empty() else "a writer process died")
+                    _thread.interrupt_main()  # raises KeyboardInterrupt in FFCV's polling loop
+                    return
+        thread = threading.Thread(target=watchdog, daemon=True)
+        thread.start()
+        try:
+            yield
+        except KeyboardInterrupt:
+            if not failed:
+                raise
+            for p in cls.started:
+                p.kill()
+            raise _WriterDied(failed[0]) from None
+        finally:
+            done.set()
+            thread.join()
 
 
 def dataset_beton(data, split, cache_dir="data"):
