@@ -39,3 +39,12 @@ def test_readme_usage_commands_run(tmp_path):
     for out in ("runs/teacher/final.pt", "data/fm.beton", "regions.png", "runs/fkd/final.pt", "runs/ferkd/final.pt",
                 "fkd.pt2", "curves.png"):
         assert (tmp_path / out).is_file(), out
+
+
+@pytest.mark.parametrize("command", [["kernels_triton.py"], ["bench.py", "labels", "--images=20"]])
+def test_readme_benchmark_commands_run(command):
+    """Benchmark commands the README quotes run and print their tables: the loss benchmark whole, bench.py's
+    label-size part on 20 images (its loader and step parts take minutes and are not run by the tests)."""
+    p = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "speed-up" in p.stdout if command[0] == "kernels_triton.py" else "bytes" in p.stdout, p.stdout[-2000:]
