@@ -22,12 +22,17 @@ def reference_crop(img, box, flip, res):
     return out[:, ::-1] if flip else out
 
 
+def stored(path):
+    """A label file's header and region table, and the digits training split it was built from."""
+    import labels
+    header = labels.read_header(path)
+    return header, labels.read_regions(path, header), labels.load_dataset("digits", "train")
+
+
 def test_loader_replays_stored_boxes_pixel_exact(built):
     import labels
     _, path = built
-    header = labels.read_header(path)
-    table = labels.read_regions(path, header)
-    ds = labels.load_dataset("digits", "train")
+    header, table, ds = stored(path)
     h, w = labels.image_sizes(path)
     boxes = labels.box_pixels(table[..., :4], h[:, None], w[:, None])
     _, _, _, flip = labels.unpack_regions(torch.from_numpy(table), K)
@@ -49,9 +54,7 @@ def test_stored_labels_match_teacher_recomputed(built):
     import ferkd
     import labels
     ckpt, path = built
-    header = labels.read_header(path)
-    table = labels.read_regions(path, header)
-    ds = labels.load_dataset("digits", "train")
+    _, table, ds = stored(path)
     model, _ = ferkd.load_checkpoint(ckpt)
     model.eval()
     ids, probs, pgt, flip = labels.unpack_regions(torch.from_numpy(table), K)
