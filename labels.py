@@ -362,7 +362,7 @@ class _WriterProcess(multiprocessing.Process):
     @classmethod
     @contextlib.contextmanager
     def watch(cls):
-        import _thread
+        import signal
         import threading
         cls.errors, cls.started, done, failed = multiprocessing.SimpleQueue(), [], threading.Event(), []
 
@@ -370,7 +370,9 @@ class _WriterProcess(multiprocessing.Process):
             while not done.wait(0.2):
                 if any(p.exitcode not in (None, 0) for p in cls.started):
                     failed.append(cls.errors.get() if not cls.errors.empty() else "a writer process died")
-                    _thread.interrupt_main()  # raises KeyboardInterrupt in FFCV's polling loop
+                    # a real SIGINT, not _thread.interrupt_main(): the main thread may be blocked reading a pipe
+                    # (FFCV's allocation queue), which only a delivered signal interrupts
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                     return
         thread = threading.Thread(target=watchdog, daemon=True)
         thread.start()
