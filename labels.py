@@ -944,11 +944,11 @@ def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-    from ferkd import TrainConfig
+    from ferkd import FERKD_DEFAULTS
     from kernels_triton import region_category
     t = {}
     for name, v in (("t_low", t_low), ("t_mid", t_mid), ("t_top", t_top)):
-        v = getattr(TrainConfig, name) if v is None else v
+        v = FERKD_DEFAULTS[name] if v is None else v
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise UserError(f"--{name} takes a number, got {v!r}")
         t[name] = float(v)

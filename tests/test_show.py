@@ -22,3 +22,10 @@ def test_show_refuses_bad_thresholds(built, tmp_path):
     p = cli("labels.py", "show", path, f"--out={tmp_path / 'x.png'}", "--t_low=0.9", "--t_mid=0.5", check=False)
     assert "thresholds" in one_error_line(p)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_show_defaults_to_ferkd_thresholds(built, tmp_path):
+    _, path = built
+    out = tmp_path / "d.png"
+    p = cli("labels.py", "show", path, f"--out={out}", "--images=1")
+    assert out.is_file() and "t_low=0.02 t_mid=0.02 t_top=0.995" in p.stdout, p.stdout
