@@ -19,6 +19,7 @@ re-run the same command, or add --resume to insist on it.
 """
 import dataclasses
 import io
+import itertools
 import json
 import math
 import os
@@ -35,8 +36,8 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from labels import (DATASETS, UserError, box_pixels, center_boxes, dataset_beton, full_boxes, image_sizes,
-                    load_dataset, parse_config, pick_device, quantize_boxes, random_boxes, read_header,
+from labels import (DATASETS, UserError, atomic_write, box_pixels, center_boxes, dataset_beton, full_boxes,
+                    image_sizes, load_dataset, parse_config, pick_device, quantize_boxes, random_boxes, read_header,
                     read_regions, region_loader, run_cli, to_model_input, unpack_regions)
 
 # -----------------------------------------------------------------------------
@@ -188,33 +189,13 @@ def build_model(arch, num_classes):
     return ARCHS[arch](num_classes)
 
 
-def atomic_write(path, write):
-    """write(tmp_path), then rename over `path`: a killed or failed write leaves the previous file whole."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"could not write {path}: {e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_synced(path, data):
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-
-
 def save_checkpoint(path, state):
     """`state` holds at least model, config (with arch) and classes: what `load_checkpoint` needs.
     Serialized in memory first: torch.save into a file reports a full disk as an opaque RuntimeError from its
     zip writer, a plain write as the OSError the user can act on."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write(path, lambda tmp: write_synced(tmp, buffer.getbuffer()))
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def load_checkpoint(path, arch=None):
@@ -593,14 +574,17 @@ def finite_losses(pending, first_step, model, what):
     losses = torch.stack(pending).float()
     n = len(pending)
     first_bad = torch.where(losses.isfinite(), n, torch.arange(n, device=losses.device)).min()
-    weights_bad = ~torch.stack([p.isfinite().all() for p in model.parameters()]).all()
+    # buffers too: a huge activation can overflow BatchNorm's running variance while the loss, computed with
+    # the batch's own statistics, and the parameters stay finite (seen with --lr=1e6)
+    state = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+    weights_bad = ~torch.stack([t.isfinite().all() for t in state]).all()
     flags = torch.stack([first_bad, -weights_bad.long()])
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     first_bad, weights_bad = flags.tolist()
     if first_bad < n or weights_bad:
         where = f"the loss was NaN/Inf at step {first_step + first_bad}" if first_bad < n else \
-            f"the weights became NaN/Inf by step {first_step + n - 1}"
+            f"the weights (or BatchNorm statistics) became NaN/Inf by step {first_step + n - 1}"
         raise UserError(f"{where}; stopped. The last good checkpoint is {what}; lower --lr or check the "
                         f"labels")
     return losses.tolist()

@@ -84,6 +84,24 @@ def run_cli(commands):
         print(f"error: out of disk space: {e}", file=sys.stderr)
         sys.exit(2)
 
+
+def atomic_write(path, write):
+    """write(tmp), fsync, then rename over `path`: a reader never sees half a file, and a failed or killed
+    write (a full disk) leaves the previous file whole and no temporary behind. The temporary keeps the
+    suffix (matplotlib and torch.export pick formats by it) and is hidden, so globs of the folder skip
+    it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
 # -----------------------------------------------------------------------------
 # Region records: packing, unpacking, boxes
 
@@ -397,12 +415,7 @@ def dataset_beton(data, split, cache_dir="data"):
     path = Path(cache_dir) / f"{safe}-{split}-{ds.fingerprint()}.beton"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        try:
-            write_beton(tmp, ds)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda tmp: write_beton(tmp, ds))
     return path, ds
 
 # -----------------------------------------------------------------------------
@@ -728,16 +741,6 @@ def barrier():
         torch.distributed.barrier()
 
 
-def write_atomic(path, data):
-    """Write bytes to `path` through a temporary name and a rename, so a reader never sees half of them."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def previous_build(c, key, out, partial, state):
     """What an earlier run of this command left: "fresh" (nothing usable), "resume" (phase 1 done) or
     "finished" (renamed, only the clean-up was cut short). Reads only, so every rank can call it."""
@@ -841,8 +844,10 @@ def build(**flags):
         ptr = int(np.fromfile(partial, dtype=_alloc_ptr_offset()[1], count=1)[0]["alloc_table_ptr"])
         with open(partial, "rb") as f:
             f.seek(ptr)
-            write_atomic(state / "alloc.bin", f.read())
-        write_atomic(state / "build.json", json.dumps(dict(key=key, alloc_table_ptr=ptr)).encode())
+            table_bytes = f.read()
+        atomic_write(state / "alloc.bin", lambda tmp: tmp.write_bytes(table_bytes))
+        started = json.dumps(dict(key=key, alloc_table_ptr=ptr))
+        atomic_write(state / "build.json", lambda tmp: tmp.write_text(started))
     barrier()
     if mode == "finished":
         print(f"{out} was already built; removed the leftover {state}")
@@ -883,8 +888,8 @@ def build(**flags):
             ci = int(idx[0]) // chunk
             if idx[-1] == min(N, (ci + 1) * chunk) - 1:  # its last batch: make the chunk durable, then say so
                 mm.flush()
-                write_atomic(state / f"c{ci:06d}.json", json.dumps(dict(region_hits=int(hits[0]),
-                                                                         image_hits=int(hits[1]))).encode())
+                done = json.dumps(dict(region_hits=int(hits[0]), image_hits=int(hits[1])))
+                atomic_write(state / f"c{ci:06d}.json", lambda tmp: tmp.write_text(done))
                 hits[:] = 0
         bar.close()
         del mm
@@ -1026,12 +1031,9 @@ def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, 
     ax.set_title(f"{path}: {N} images x {R} regions, teacher {header['teacher']['name']}; " + ", ".join(
         f"{name} {s:.1%}" for (name, _), s in zip(CATEGORY, share)), fontsize=10)
     ax.legend(loc="upper center")
-    tmp = Path(out).with_name(Path(out).name + f".tmp{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110))
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
     print(f"wrote {out}: {len(pick)} images, {n_show} regions each; regions dropped / hard / soft at "
           f"t_low={t['t_low']:g} t_mid={t['t_mid']:g} t_top={t['t_top']:g}: "

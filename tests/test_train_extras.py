@@ -102,6 +102,18 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
         assert all(v.isfinite().all() for v in state.values() if v.is_floating_point())
 
 
+
+def test_overflowed_batchnorm_statistics_stop_the_run():
+    """A huge activation can overflow BatchNorm's running variance while the loss (normalized by the batch's
+    own statistics) and every parameter stay finite: the run must stop before saving such a model."""
+    import ferkd
+    from labels import UserError
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    assert ferkd.finite_losses([torch.tensor(1.0)], 5, model, "ckpt-4.pt") == [1.0]
+    model[1].running_var[1] = float("inf")
+    with pytest.raises(UserError, match=r"became NaN/Inf by step 5; stopped. The last good checkpoint is ckpt-4"):
+        ferkd.finite_losses([torch.tensor(1.0)], 5, model, "ckpt-4.pt")
+
 def test_checkpoint_of_another_architecture_is_refused(built, tmp_path):
     import ferkd
     from labels import UserError
