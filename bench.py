@@ -11,8 +11,9 @@ Benchmarks, each a ratio measured side by side in one run on the same machine (R
 4. loss: `ferkd_loss` vs FKD's dense recover-then-cross-entropy (kernels_triton.py's own benchmark).
 No timing here is asserted by a test: the machines are shared and noisy; read the ratios.
 """
-import io
+import atexit
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -21,14 +22,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import labels
-from labels import box_pixels, quantize_boxes, random_boxes, region_bytes
+import beton
+from beton import box_pixels, quantize_boxes, random_boxes, region_bytes
+
+
+def scratch_dir():
+    """A temporary folder for a benchmark's files, removed when the process exits."""
+    d = Path(tempfile.mkdtemp(prefix="ferkd-bench-"))
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    return d
 
 
 def bench_labels(regions=16, k=5, images=200):
     """Bytes per region: ours (all included: box, flip, top-k ids and probabilities, p_gt) vs FKD's files."""
     rng = np.random.default_rng(0)
-    d = Path(tempfile.mkdtemp())
+    d = scratch_dir()
     sizes = {}
     for name, fdtype, idtype in (("FKD fp32", torch.float32, torch.int32), ("FKD fp16", torch.float16, torch.int16)):
         total = raw = 0
@@ -53,7 +61,7 @@ def bench_labels(regions=16, k=5, images=200):
 
 
 def _fashion_subset(n):
-    ds = labels.load_dataset("fashion-mnist", "train")
+    ds = beton.load_dataset("fashion-mnist", "train")
     ds.images, ds.labels = ds.images[:n], ds.labels[:n]
     return ds
 
@@ -63,14 +71,14 @@ def bench_loader(images=4000, workers=2, batch=256, regions=4, res=32, epochs=3)
     from PIL import Image
     ds = _fashion_subset(images)
     N = len(ds.labels)
-    d = Path(tempfile.mkdtemp())
+    d = scratch_dir()
     rng = np.random.default_rng(0)
     boxes = quantize_boxes(random_boxes(rng, N * regions)[0]).reshape(N, regions, 4)
     flips = rng.random((N, regions)) < 0.5
-    table = labels.pack_regions(boxes, flips, rng.integers(0, 10, (N, regions, 5)), rng.random((N, regions, 5)) / 5,
+    table = beton.pack_regions(boxes, flips, rng.integers(0, 10, (N, regions, 5)), rng.random((N, regions, 5)) / 5,
                                 rng.random((N, regions)))
-    beton = d / "bench.beton"
-    labels.write_beton(beton, ds, table, workers)
+    path = d / "bench.beton"
+    beton.write_beton(path, ds, table, workers)
     for i in range(N):  # the torchvision way: encoded image files and one label file per image
         Image.fromarray(ds.images[i]).save(d / f"{i}.png")
         torch.save({"boxes": torch.from_numpy(boxes[i].astype(np.float32) / 255), "flip": torch.from_numpy(flips[i]),
@@ -100,14 +108,14 @@ def bench_loader(images=4000, workers=2, batch=256, regions=4, res=32, epochs=3)
                 seen += len(batch_[0])
         return seen / (time.time() - t0)
 
-    hw = labels.image_sizes(beton)
+    hw = beton.image_sizes(path)
     plan = np.zeros((N, 1, 5), np.int32)
 
     def ffcv_epoch():
         choice = rng.integers(0, regions, N)
         plan[:, 0, :4] = box_pixels(boxes[np.arange(N), choice], hw[0], hw[1])
         plan[:, 0, 4] = flips[np.arange(N), choice]
-        return labels.region_loader(beton, plan, res, batch, workers, order="random")
+        return beton.region_loader(path, plan, res, batch, workers, order="random")
 
     loader = ffcv_epoch()
     ours = rate(lambda: loader)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from labels import (DATASETS, UserError, atomic_write, box_pixels, center_boxes, dataset_beton, full_boxes,
+from beton import (DATASETS, UserError, atomic_write, box_pixels, center_boxes, dataset_beton, full_boxes,
                     image_sizes, load_dataset, parse_config, pick_device, quantize_boxes, random_boxes, read_header,
                     read_regions, region_loader, run_cli, to_model_input, unpack_regions)
 
@@ -122,7 +122,7 @@ def check_config(c):
     if c.kd == "fkd" and (c.t_low, c.t_mid, c.t_top) != (0.0, 0.0, 1.0):
         raise UserError("--t_low/--t_mid/--t_top act only with --kd=ferkd")
     if c.mix not in ("none", "cutmix", "mixup") or c.mix_source not in ("self", "batch"):
-        raise UserError(f"--mix must be none, cutmix or mixup and --mix_source self or batch")
+        raise UserError("--mix must be none, cutmix or mixup and --mix_source self or batch")
     if not 0 <= c.mix_prob <= 1 or c.mix_alpha <= 0:
         raise UserError("--mix_prob must be in [0, 1] and --mix_alpha > 0")
     if c.mix != "none" and c.kd == "none":
@@ -804,7 +804,7 @@ class ExportConfig:
 
 def export(**flags):
     """Write the model with torch.export (TorchScript is deprecated since torch 2.5): a .pt2 whose program
-    takes (N, 3, res, res) float32 images normalized by labels.MEAN/STD (any N) and returns (N, C) logits; its
+    takes (N, 3, res, res) float32 images normalized by beton.MEAN/STD (any N) and returns (N, C) logits; its
     extra file ferkd.json names the classes, res, mean and std. Load with torch.export.load(path).module()."""
     c = parse_config(ExportConfig, flags)
     if not c.ckpt or not c.out:
@@ -815,7 +815,7 @@ def export(**flags):
         raise UserError(f"{c.out} exists; pass --overwrite to replace it")
     if not Path(c.out).resolve().parent.is_dir():
         raise UserError(f"output directory {Path(c.out).parent} does not exist")
-    from labels import MEAN, STD
+    from beton import MEAN, STD
     model, ckpt = load_checkpoint(c.ckpt)
     model.eval()
     res = checkpoint_res(ckpt)

@@ -51,19 +51,20 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
-import ferkd, labels
+import beton
+import ferkd
 
 rank, world, device = ferkd.setup_distributed("cpu")
 label_file = sys.argv[1]
 
 # FFCV's distributed RANDOM order: each rank a disjoint share of the images (up to DistributedSampler's
 # padding), the same for a fresh loader (a function of (seed, epoch)), another for another epoch
-path, ds = labels.dataset_beton("digits", "train")
-h, w = labels.image_sizes(path)
-plan = np.ascontiguousarray(np.concatenate([labels.box_pixels(labels.full_boxes(len(h)), h, w),
+path, ds = beton.dataset_beton("digits", "train")
+h, w = beton.image_sizes(path)
+plan = np.ascontiguousarray(np.concatenate([beton.box_pixels(beton.full_boxes(len(h)), h, w),
                                             np.zeros((len(h), 1), np.int32)], 1)[:, None]).astype(np.int32)
 def order(epoch):
-    loader = labels.region_loader(path, plan, 16, 32, 1, order="random", seed=3, drop_last=True,
+    loader = beton.region_loader(path, plan, 16, 32, 1, order="random", seed=3, drop_last=True,
                                   distributed=True)
     return torch.cat([i.clone() for _, _, i in ferkd.epoch_batches(loader, epoch)])
 mine = order(1)
@@ -74,8 +75,8 @@ a, b = set(everyone[0].tolist()), set(everyone[1].tolist())
 assert len(a) == len(mine) and len(a & b) <= world - 1, len(a & b)
 
 # identical data: the same 3 batches of 64 on both ranks, each rank its half
-header = labels.read_header(label_file)
-table = labels.read_regions(label_file, header)
+header = beton.read_header(label_file)
+table = beton.read_regions(label_file, header)
 images = torch.from_numpy(ds.images[:, None])  # (N, 1, 16, 16, 3) uint8
 labels_all = torch.from_numpy(ds.labels)
 c = ferkd.TrainConfig(kd="fkd", labels=label_file)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ferkd
-import labels
+import beton
 from kernels_triton import region_category
 from conftest import cli
 
@@ -16,10 +16,10 @@ pytestmark = pytest.mark.timeout(600)
 
 def fake_table(N=50, R=6, k=5, seed=0):
     rng = np.random.default_rng(seed)
-    b, f = labels.random_boxes(rng, N * R)
+    b, f = beton.random_boxes(rng, N * R)
     pgt = rng.random((N, R)) ** 2
     pgt[0] = 0.0  # image 0: every region dropped at t_low > 0
-    return labels.pack_regions(labels.quantize_boxes(b).reshape(N, R, 4), f.reshape(N, R),
+    return beton.pack_regions(beton.quantize_boxes(b).reshape(N, R, 4), f.reshape(N, R),
                                rng.integers(0, 10, (N, R, k)), rng.random((N, R, k)) / k, pgt)
 
 
@@ -30,7 +30,7 @@ def test_region_selection_respects_thresholds(t_low, t_mid, t_top):
     c = ferkd.TrainConfig(kd="ferkd", labels="x", crops=2, t_low=t_low, t_mid=t_mid, t_top=t_top)
     h = w = np.full(N, 32)
     plan, fill, images, _ = ferkd.region_plans(c, dict(regions=R, k=5), table, h, w)
-    pgt = labels.unpack_regions(torch.from_numpy(table), 5)[2]
+    pgt = beton.unpack_regions(torch.from_numpy(table), 5)[2]
     kept = (region_category(pgt, t_low, t_mid, t_top) > 0).numpy()
     assert np.array_equal(images, np.flatnonzero(kept.any(1)))  # images with no kept region are never loaded
     seen = np.zeros_like(kept)
@@ -40,7 +40,7 @@ def test_region_selection_respects_thresholds(t_low, t_mid, t_top):
         assert kept[images[:, None], choice[images]].all()  # only kept regions are replayed
         many = kept.sum(1) >= 2
         assert (choice[many, 0] != choice[many, 1]).all()  # two crops of an image are distinct regions
-        box = labels.box_pixels(table[rows, choice, :4], 32, 32)
+        box = beton.box_pixels(table[rows, choice, :4], 32, 32)
         assert np.array_equal(plan[..., :4], box)  # the decoder's plan holds the chosen regions' boxes
         seen[rows, choice] = True
     assert np.array_equal(seen[images], kept[images])  # and every kept region comes up over epochs
@@ -127,5 +127,5 @@ def test_threshold_defaults_follow_the_mode():
     c = ferkd.TrainConfig(kd="ferkd", t_low=0.05)
     assert (c.t_low, c.t_mid) == (0.05, 0.05)  # no hard regions unless t_mid is asked for
     ferkd.check_config(ferkd.TrainConfig(kd="ferkd", labels="x", t_low=0.05))
-    with pytest.raises(labels.UserError):
+    with pytest.raises(beton.UserError):
         ferkd.check_config(ferkd.TrainConfig(kd="fkd", labels="x", t_top=0.9))

@@ -24,22 +24,22 @@ def reference_crop(img, box, flip, res):
 
 def stored(path):
     """A label file's header and region table, and the digits training split it was built from."""
-    import labels
-    header = labels.read_header(path)
-    return header, labels.read_regions(path, header), labels.load_dataset("digits", "train")
+    import beton
+    header = beton.read_header(path)
+    return header, beton.read_regions(path, header), beton.load_dataset("digits", "train")
 
 
 def test_loader_replays_stored_boxes_pixel_exact(built):
-    import labels
+    import beton
     _, path = built
     header, table, ds = stored(path)
-    h, w = labels.image_sizes(path)
-    boxes = labels.box_pixels(table[..., :4], h[:, None], w[:, None])
-    _, _, _, flip = labels.unpack_regions(torch.from_numpy(table), K)
+    h, w = beton.image_sizes(path)
+    boxes = beton.box_pixels(table[..., :4], h[:, None], w[:, None])
+    _, _, _, flip = beton.unpack_regions(torch.from_numpy(table), K)
     assert 0 < flip.float().mean() < 1  # both flipped and unflipped regions are exercised
     plan = np.concatenate([boxes, flip.numpy()[..., None]], -1).astype(np.int32)
     seen = 0
-    for images, lab, index in labels.region_loader(path, plan, header["res"], 100):
+    for images, lab, index in beton.region_loader(path, plan, header["res"], 100):
         for b, i in enumerate(index.tolist()):
             assert lab[b] == ds.labels[i]
             for r in range(R):
@@ -52,18 +52,18 @@ def test_loader_replays_stored_boxes_pixel_exact(built):
 def test_stored_labels_match_teacher_recomputed(built):
     """Each stored region equals the teacher re-run on an independently cropped region, within quantization."""
     import ferkd
-    import labels
+    import beton
     ckpt, path = built
     _, table, ds = stored(path)
     model, _ = ferkd.load_checkpoint(ckpt)
     model.eval()
-    ids, probs, pgt, flip = labels.unpack_regions(torch.from_numpy(table), K)
+    ids, probs, pgt, flip = beton.unpack_regions(torch.from_numpy(table), K)
     n = 200
-    boxes = labels.box_pixels(table[:n, :, :4], 16, 16)
+    boxes = beton.box_pixels(table[:n, :, :4], 16, 16)
     crops = np.stack([reference_crop(ds.images[i], boxes[i, r], bool(flip[i, r]), 16)
                       for i in range(n) for r in range(R)])
     x = torch.from_numpy(crops).float().permute(0, 3, 1, 2) / 255
-    x = (x - torch.tensor(labels.MEAN).view(1, 3, 1, 1)) / torch.tensor(labels.STD).view(1, 3, 1, 1)
+    x = (x - torch.tensor(beton.MEAN).view(1, 3, 1, 1)) / torch.tensor(beton.STD).view(1, 3, 1, 1)
     with torch.no_grad():
         p = F.softmax(model(x).float(), 1).view(n, R, -1)
     top_p, top_i = p.topk(K, dim=2)
@@ -78,29 +78,29 @@ def test_stored_labels_match_teacher_recomputed(built):
 
 
 def test_region_records_pack_and_unpack():
-    import labels
+    import beton
     rng = np.random.default_rng(0)
     qbox = rng.integers(0, 256, (7, 3, 4)).astype(np.uint8)
     flip = rng.random((7, 3)) < 0.5
     ids = rng.integers(0, 32768, (7, 3, K))
     probs, pgt = rng.random((7, 3, K)), rng.random((7, 3))
-    rec = labels.pack_regions(qbox, flip, ids, probs, pgt)
-    assert rec.shape == (7, 3, labels.region_bytes(K)) == (7, 3, 20)
-    i2, p2, g2, f2 = labels.unpack_regions(torch.from_numpy(rec), K)
+    rec = beton.pack_regions(qbox, flip, ids, probs, pgt)
+    assert rec.shape == (7, 3, beton.region_bytes(K)) == (7, 3, 20)
+    i2, p2, g2, f2 = beton.unpack_regions(torch.from_numpy(rec), K)
     assert np.array_equal(i2.numpy(), ids) and np.array_equal(f2.numpy(), flip)
     assert np.abs(p2.numpy() - probs).max() <= 0.5 / 255 + 1e-6 and np.abs(g2.numpy() - pgt).max() <= 0.5 / 255 + 1e-6
     assert np.array_equal(rec[..., :4], qbox)
 
 
 def test_boxes_follow_random_resized_crop_rule():
-    import labels
-    b, f = labels.random_boxes(np.random.default_rng(1), 20000)
+    import beton
+    b, f = beton.random_boxes(np.random.default_rng(1), 20000)
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     ratio = (b[:, 3] - b[:, 1]) / (b[:, 2] - b[:, 0])
     assert (b >= 0).all() and (b <= 1 + 1e-12).all()
     assert area.min() >= 0.08 - 1e-9 and ratio.min() >= 0.75 - 1e-9 and ratio.max() <= 4 / 3 + 1e-9
     assert 0.45 < f.mean() < 0.55
-    px = labels.box_pixels(labels.quantize_boxes(b), 32, 32)
+    px = beton.box_pixels(beton.quantize_boxes(b), 32, 32)
     assert (px[:, 2] > px[:, 0]).all() and (px[:, 3] > px[:, 1]).all() and px.min() >= 0 and px.max() <= 32
 
 

@@ -30,15 +30,15 @@ def test_ffcv_random_order_is_a_function_of_seed_and_epoch():
     """What exact resume relies on: a fresh loader replays epoch e's batches, and skipping k batches yields
     the rest of them."""
     import ferkd
-    import labels
-    path, ds = labels.dataset_beton("digits", "train")
-    h, w = labels.image_sizes(path)
-    boxes = labels.box_pixels(labels.full_boxes(len(h)), h, w)
+    import beton
+    path, ds = beton.dataset_beton("digits", "train")
+    h, w = beton.image_sizes(path)
+    boxes = beton.box_pixels(beton.full_boxes(len(h)), h, w)
     plan = np.ascontiguousarray(np.concatenate([boxes, np.zeros((len(h), 1), np.int32)], 1)[:, None])
     plan = plan.astype(np.int32)
 
     def batches(epoch, skip=0):
-        loader = labels.region_loader(path, plan, 16, 64, 1, order="random", seed=7, drop_last=True)
+        loader = beton.region_loader(path, plan, 16, 64, 1, order="random", seed=7, drop_last=True)
         return [index.clone() for _, _, index in ferkd.epoch_batches(loader, epoch, skip)]
     a, b = batches(3), batches(3)
     assert len(a) == len(ds.labels) // 64 and all(torch.equal(x, y) for x, y in zip(a, b))
@@ -107,7 +107,7 @@ def test_overflowed_batchnorm_statistics_stop_the_run():
     """A huge activation can overflow BatchNorm's running variance while the loss (normalized by the batch's
     own statistics) and every parameter stay finite: the run must stop before saving such a model."""
     import ferkd
-    from labels import UserError
+    from beton import UserError
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
     assert ferkd.finite_losses([torch.tensor(1.0)], 5, model, "ckpt-4.pt") == [1.0]
     model[1].running_var[1] = float("inf")
@@ -116,7 +116,7 @@ def test_overflowed_batchnorm_statistics_stop_the_run():
 
 def test_checkpoint_of_another_architecture_is_refused(built, tmp_path):
     import ferkd
-    from labels import UserError
+    from beton import UserError
     teacher, _ = built
     with pytest.raises(UserError, match="holds a small32 model, not --arch=small16"):
         ferkd.load_checkpoint(teacher, arch="small16")

@@ -1,0 +1,638 @@
+"""
+The label file: the data contract between `labels.py build` (writer) and `ferkd.py train` (reader).
+
+Both scripts import what they share from here, so that there is one copy of each rule: the region record
+format and its boxes, the datasets and their fingerprints, the FFCV file writer, the one decoder that replays a
+stored region (`RegionCrop`), the JSON header; and the small command-line plumbing both commands use
+(one-line errors, typed flags, atomic writes).
+
+File layout (schema 1). The `.beton` is a plain FFCV file with four fields per image:
+    image    RGBImageField   raw pixels (small images) or JPEG (imagefolder)
+    label    IntField        ground-truth class
+    index    IntField        position of the image in the dataset (the trainer gathers region labels by it)
+    regions  NDArrayField    uint8 (R, D), D = 4 + 3k + 1 bytes per region (20 for k=5):
+               [0:4]          box (y0, x0, y1, x1) on a 0..255 grid of the stored image (see `box_pixels`)
+               [4:4+2k]       top-k class ids, uint16 little-endian; bit 15 of the first id is the flip
+               [4+2k:4+3k]    top-k probabilities, round(255 p)
+               [4+3k]         p_gt, round(255 p)
+Our JSON header (dataset fingerprint, teacher, T, k, R, seed, ...) sits between FFCV's data pages and its
+allocation table, followed by its length, the table's length and the magic b"FERKDHDR"; FFCV's header points
+past it, so FFCV reads the file as usual. `read_header` checks every length, so a truncated file is refused.
+
+The same FFCV decoder (`RegionCrop`) crops, resizes and flips for the teacher in labels.py and for the student
+in ferkd.py, so the teacher sees each region exactly as the trainer replays it.
+"""
+import contextlib
+import dataclasses
+import errno
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numba
+import torch
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+_torch_threads = torch.get_num_threads()
+from ffcv.fields.rgb_image import SimpleRGBImageDecoder  # noqa: E402
+torch.set_num_threads(_torch_threads)  # importing FFCV sets torch to 1 thread (ffcv/pipeline/compiler.py);
+# its Loader later sets torch's threads to its num_workers, for every epoch
+
+SCHEMA_VERSION = 1
+MAGIC = b"FERKDHDR"
+MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, used for every dataset so teachers transfer
+STD = (0.229, 0.224, 0.225)
+
+# -----------------------------------------------------------------------------
+# Command-line plumbing both scripts use: one-line errors, typed flags, devices, atomic writes
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, exit status 2 (see `run_cli`)."""
+
+
+def run_cli(commands):
+    """fire.Fire over `commands`, turning UserError into one line on stderr and exit status 2."""
+    import fire
+    try:
+        fire.Fire(commands)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a write that found the disk full anywhere else: finished files are intact (atomic)
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        print(f"error: out of disk space: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def atomic_write(path, write):
+    """write(tmp), fsync, then rename over `path`: a reader never sees half a file, and a failed or killed
+    write (a full disk) leaves the previous file whole and no temporary behind. The temporary keeps the
+    suffix (matplotlib and torch.export pick formats by it) and is hidden, so globs of the folder skip
+    it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def parse_config(cls, kwargs):
+    """Build a frozen config from fire's keyword flags: unknown names and ill-typed values are errors."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in kwargs.items():
+        key = key.replace("-", "_")
+        if key not in fields:
+            raise UserError(f"unknown flag --{key}; known: {', '.join('--' + f for f in fields)}")
+        want = type(fields[key].default)
+        if want is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                value = value.lower() in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise UserError(f"--{key} takes true or false, got {value!r}")
+        elif want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif want is str and not isinstance(value, str):
+            value = str(value)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise UserError(f"--{key} takes a {want.__name__}, got {value!r}")
+        out[key] = value
+    return cls(**out)
+
+
+def pick_device(name, local_rank=0):
+    if name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device("cpu")
+
+# -----------------------------------------------------------------------------
+# Region records: packing, unpacking, boxes
+
+def region_bytes(k):
+    return 4 + 3 * k + 1
+
+
+def pack_regions(qbox, flip, ids, probs, pgt):
+    """qbox (..., 4) uint8, flip (...) bool, ids (..., k) int, probs (..., k) float, pgt (...) float
+    -> (..., 4 + 3k + 1) uint8 records (numpy)."""
+    k = ids.shape[-1]
+    ids = ids.astype(np.uint16)
+    ids[..., 0] |= flip.astype(np.uint16) << 15
+    q = lambda p: np.clip(np.rint(np.asarray(p, np.float64) * 255), 0, 255).astype(np.uint8)
+    out = np.concatenate([qbox.astype(np.uint8), ids.view(np.uint8).reshape(*ids.shape[:-1], 2 * k),
+                          q(probs), q(pgt)[..., None]], axis=-1)
+    return out
+
+
+def unpack_regions(rec, k):
+    """rec (..., D) uint8 torch tensor -> (ids (..., k) int64, probs (..., k) float32, pgt (...) float32,
+    flip (...) bool). Works on any device; used by the trainer on every batch."""
+    lo = rec[..., 4:4 + 2 * k:2].long()
+    hi = rec[..., 5:5 + 2 * k:2].long()
+    ids = lo | (hi << 8)
+    flip = (ids[..., 0] >> 15).bool()
+    ids = ids & 0x7FFF
+    probs = rec[..., 4 + 2 * k:4 + 3 * k].float() / 255
+    pgt = rec[..., 4 + 3 * k].float() / 255
+    return ids, probs, pgt, flip
+
+
+def random_boxes(rng, n, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
+    """n RandomResizedCrop boxes in the unit square, torchvision's rule (10 tries, then a centred box of
+    clamped aspect), vectorized. Returns (n, 4) float (y0, x0, y1, x1) and (n,) bool flips.
+    Boxes are drawn for a unit square: `quantize_boxes` maps them to the 255-grid of any image size."""
+    area = rng.uniform(scale[0], scale[1], (n, tries))
+    logr = rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (n, tries))
+    ar = np.exp(logr)
+    w, h = np.sqrt(area * ar), np.sqrt(area / ar)
+    ok = (w <= 1) & (h <= 1)
+    first = np.argmax(ok, axis=1)
+    rows = np.arange(n)
+    w, h = w[rows, first], h[rows, first]
+    fallback = ~ok.any(axis=1)  # torchvision's fallback for a square image: the whole image
+    w[fallback], h[fallback] = 1.0, 1.0
+    y0 = rng.uniform(0, 1, n) * (1 - h)
+    x0 = rng.uniform(0, 1, n) * (1 - w)
+    flip = rng.uniform(0, 1, n) < 0.5
+    return np.stack([y0, x0, y0 + h, x0 + w], axis=1), flip
+
+
+def quantize_boxes(boxes):
+    """(..., 4) unit-square boxes -> uint8 on the 0..255 grid, each side at least one grid step."""
+    q = np.clip(np.rint(boxes * 255), 0, 255).astype(np.int32)
+    q[..., 2] = np.maximum(q[..., 2], q[..., 0] + 1)
+    q[..., 3] = np.maximum(q[..., 3], q[..., 1] + 1)
+    q[..., 0] = np.minimum(q[..., 0], 254)
+    q[..., 1] = np.minimum(q[..., 1], 254)
+    q[..., 2:] = np.minimum(q[..., 2:], 255)
+    return q.astype(np.uint8)
+
+
+def box_pixels(qbox, height, width):
+    """The one rule from a stored box to pixels, integer-only so it is exact on every machine.
+    qbox (..., 4) uint8 grid coords, height/width broadcastable -> (..., 4) int32 (top, left, bottom, right),
+    bottom/right exclusive, at least one pixel."""
+    q = qbox.astype(np.int64)
+    h = np.asarray(height, np.int64)[..., None]
+    w = np.asarray(width, np.int64)[..., None]
+    scale = np.concatenate([h, w, h, w], axis=-1)
+    px = (q * scale + 127) // 255
+    px[..., 2] = np.maximum(px[..., 2], px[..., 0] + 1)
+    px[..., 3] = np.maximum(px[..., 3], px[..., 1] + 1)
+    return px.astype(np.int32)
+
+
+def full_boxes(n):
+    return np.tile(np.array([0, 0, 255, 255], np.uint8), (n, 1))
+
+
+def center_boxes(heights, widths, ratio):
+    """Evaluation crop: a centred square of side `ratio` * min(H, W), as pixel boxes (N, 4) int32."""
+    s = (np.minimum(heights, widths) * ratio).astype(np.int64)
+    top, left = (heights - s) // 2, (widths - s) // 2
+    return np.stack([top, left, top + s, left + s], axis=1).astype(np.int32)
+
+# -----------------------------------------------------------------------------
+# Datasets: built-in real ones (offline) and a user's image folders
+
+DATASETS = {  # name -> stored image side, default crop resolution, eval crop ratio
+    "digits": dict(res=16),         # scikit-learn's 1,797 8x8 digits, upscaled 2x; tests use it
+    "fashion-mnist": dict(res=32),  # Debian's dataset-fashion-mnist, 28x28 padded to 32x32
+}
+FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                         "bag", "ankle-boot"]
+
+
+@dataclass
+class Dataset:
+    name: str           # e.g. "fashion-mnist" or "imagefolder:/abs/path"
+    split: str          # "train" | "test"
+    classes: list       # class names, index = label
+    labels: np.ndarray  # (N,) int64
+    images: object      # (N, H, W, 3) uint8 array, or a list of image file paths
+    res: int            # default training / evaluation resolution
+
+    def fingerprint(self):
+        """sha256 over what identifies the data: labels, class names and pixels (or file names and sizes)."""
+        h = hashlib.sha256(json.dumps([self.name, self.split, self.classes]).encode())
+        h.update(self.labels.astype(np.int64).tobytes())
+        if isinstance(self.images, np.ndarray):
+            h.update(self.images.tobytes())
+        else:
+            for p in self.images:
+                h.update(f"{p}:{os.path.getsize(p)}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def _fashion_mnist_dir():
+    """Where Debian's dataset-fashion-mnist put its IDX files (asks dpkg, falls back to its usual place)."""
+    try:
+        files = subprocess.run(["dpkg", "-L", "dataset-fashion-mnist"], capture_output=True, text=True,
+                               check=True).stdout.split()
+        hits = [f for f in files if f.endswith("train-images-idx3-ubyte.gz")]
+        if hits:
+            return Path(hits[0]).parent
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return Path("/usr/share/datasets/fashion-mnist")
+
+
+def _read_idx(path):
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _gray_to_rgb(x):
+    return np.ascontiguousarray(np.repeat(x[..., None], 3, axis=-1))
+
+
+def load_dataset(data, split):
+    """`data`: "digits" | "fashion-mnist" | "imagefolder:/path" (with train/ and val/ class folders)."""
+    if split not in ("train", "test"):
+        raise UserError(f"unknown split {split!r}")
+    if data == "digits":
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        x = (d.images * (255 / 16)).round().astype(np.uint8)
+        x = np.kron(x, np.ones((1, 2, 2), np.uint8))  # 8x8 -> 16x16, exact
+        test = np.arange(len(x)) % 5 == 0             # a fixed 80/20 split
+        keep = test if split == "test" else ~test
+        return Dataset(data, split, [str(i) for i in range(10)], d.target[keep].astype(np.int64),
+                       _gray_to_rgb(x[keep]), DATASETS[data]["res"])
+    if data == "fashion-mnist":
+        root = _fashion_mnist_dir()
+        prefix = "train" if split == "train" else "t10k"
+        img_path, lab_path = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+        if not img_path.exists():
+            raise UserError(f"{img_path} not found: install Debian's dataset-fashion-mnist (./setup.sh does)")
+        x = np.pad(_read_idx(img_path), ((0, 0), (2, 2), (2, 2)))  # 28 -> 32: crops and strides divide evenly
+        y = _read_idx(lab_path).astype(np.int64)
+        return Dataset(data, split, FASHION_MNIST_CLASSES, y, _gray_to_rgb(x), DATASETS[data]["res"])
+    if data.startswith("imagefolder:"):
+        root = Path(data.split(":", 1)[1]).expanduser().resolve()
+        sub = root / ("train" if split == "train" else "val")
+        if not sub.is_dir():
+            raise UserError(f"{sub} is not a directory (imagefolder:PATH needs PATH/train and PATH/val)")
+        classes = sorted(p.name for p in sub.iterdir() if p.is_dir())
+        if split == "test":  # class ids come from the training folder, so both splits agree
+            train_classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+            if classes != train_classes:
+                raise UserError(f"{sub} has other class folders than {root / 'train'}")
+        exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+        paths, labels = [], []
+        for c, name in enumerate(classes):
+            for p in sorted((sub / name).iterdir()):
+                if p.suffix.lower() in exts:
+                    paths.append(str(p))
+                    labels.append(c)
+        if not paths:
+            raise UserError(f"{sub} holds no images ({', '.join(sorted(exts))})")
+        return Dataset(f"imagefolder:{root}", split, classes, np.array(labels, np.int64), paths, 224)
+    raise UserError(f"unknown dataset {data!r}: use digits, fashion-mnist or imagefolder:/path")
+
+
+class _FFCVSource:
+    """Indexable view of a Dataset (plus precomputed region records) for FFCV's writer."""
+
+    def __init__(self, ds, regions, max_side):
+        self.ds, self.regions, self.max_side = ds, regions, max_side
+
+    def __len__(self):
+        return len(self.ds.labels)
+
+    def __getitem__(self, i):
+        img = self.ds.images[i]
+        if not isinstance(img, np.ndarray):
+            from PIL import Image
+            img = np.asarray(Image.open(img).convert("RGB"))
+        item = (img, int(self.ds.labels[i]), i)
+        return item if self.regions is None else item + (self.regions[i],)
+
+
+def _open_images(ds):
+    """Decode every image file once before handing them to FFCV: an exception inside FFCV's writer hangs
+    it instead of raising (NOTES.md), so a corrupt file must be found here, by name."""
+    if isinstance(ds.images, np.ndarray):
+        return
+    from PIL import Image
+    for p in ds.images:
+        try:
+            with Image.open(p) as im:
+                im.convert("RGB").load()
+        except Exception as e:  # PIL raises many types for bad files
+            raise UserError(f"cannot decode image {p}: {e}") from None
+
+
+def write_beton(path, ds, regions=None, num_workers=2, quiet=None):
+    """Write `ds` (and per-image region records) to an FFCV file at `path` (not atomic: callers write to a
+    temporary name and rename). With one worker the bytes are a function of the inputs only."""
+    import functools
+    import ffcv.writer
+    from ffcv.fields import IntField, NDArrayField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    _open_images(ds)
+    raw = isinstance(ds.images, np.ndarray)
+    fields = {"image": RGBImageField(write_mode="raw" if raw else "jpg", max_resolution=None if raw else 512,
+                                     jpeg_quality=90),
+              "label": IntField(), "index": IntField()}
+    if regions is not None:
+        fields["regions"] = NDArrayField(np.dtype("uint8"), regions.shape[1:])
+    if quiet is None:  # progress only for a person at a terminal: logs and captured stderr stay clean
+        quiet = not sys.stderr.isatty()
+    bar, process = ffcv.writer.tqdm, ffcv.writer.Process
+    ffcv.writer.tqdm = functools.partial(bar, disable=quiet, desc="images", unit="img")  # its bar has no flag
+    ffcv.writer.Process = _WriterProcess
+    writer = DatasetWriter(str(path), fields, num_workers=num_workers)
+    try:
+        with _WriterProcess.watch():
+            writer.from_indexed_dataset(_FFCVSource(ds, regions, None), chunksize=256)
+    except _WriterDied as e:
+        writer.metadata_sm.unlink()  # FFCV unlinks its shared memory only when it finishes
+        raise UserError(f"could not write {path}: {e}") from None
+    except OSError as e:  # the allocation table is written by this process
+        raise UserError(f"could not write {path}: {e}") from None
+    finally:
+        ffcv.writer.tqdm, ffcv.writer.Process = bar, process
+
+
+class _WriterDied(Exception):
+    pass
+
+
+class _WriterProcess(multiprocessing.Process):
+    """FFCV's writer waits for its worker processes by polling a counter they raise, so a worker that fails
+    (a full disk, a bad sample) leaves it waiting forever (NOTES.md). Its workers are made of this class: a
+    failing one sends its error through a pipe and exits, and `watch` interrupts the waiting main thread."""
+    errors = None    # multiprocessing.SimpleQueue of "Type: message" from failed workers
+    started = []
+
+    def start(self):
+        _WriterProcess.started.append(self)
+        super().start()
+
+    def run(self):
+        try:
+            super().run()
+        except BaseException as e:  # report it here: the parent prints one line, not the worker's traceback
+            _WriterProcess.errors.put(f"{type(e).__name__}: {e}")
+            os._exit(1)
+
+    @classmethod
+    @contextlib.contextmanager
+    def watch(cls):
+        import signal
+        import threading
+        cls.errors, cls.started, done, failed = multiprocessing.SimpleQueue(), [], threading.Event(), []
+
+        def watchdog():
+            while not done.wait(0.2):
+                if any(p.exitcode not in (None, 0) for p in cls.started):
+                    failed.append(cls.errors.get() if not cls.errors.empty() else "a writer process died")
+                    # a real SIGINT, not _thread.interrupt_main(): the main thread may be blocked reading a pipe
+                    # (FFCV's allocation queue), which only a delivered signal interrupts
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                    return
+        thread = threading.Thread(target=watchdog, daemon=True)
+        thread.start()
+        try:
+            yield
+        except KeyboardInterrupt:
+            if not failed:
+                raise
+            for p in cls.started:
+                p.kill()
+            raise _WriterDied(failed[0]) from None
+        finally:
+            done.set()
+            thread.join()
+
+
+def dataset_beton(data, split, cache_dir="data"):
+    """The cached FFCV file of a dataset split, images only (for CE training and evaluation), built on first
+    use; the file name carries the dataset fingerprint, so a changed dataset gets a new file."""
+    ds = load_dataset(data, split)
+    safe = ds.name.replace("imagefolder:", "folder-").replace("/", "_").strip("_")
+    path = Path(cache_dir) / f"{safe}-{split}-{ds.fingerprint()}.beton"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: write_beton(tmp, ds))
+    return path, ds
+
+# -----------------------------------------------------------------------------
+# Replaying regions: one FFCV decoder for the teacher (labels.py) and the student (ferkd.py)
+
+@intrinsic
+def _voidptr(typingctx, addr):
+    """numba: an integer address as a void pointer, so compiled code can read an array updated in place."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return types.voidptr(addr), codegen
+
+
+class RegionCrop(SimpleRGBImageDecoder):  # FFCV takes a pipeline's first op as decoder by this type
+    """FFCV decoder for an RGBImageField that, for sample i, crops the n pixel boxes plan[i, :, 0:4]
+    (top, left, bottom, right), resizes each to `res` x `res` with FFCV's resize (OpenCV INTER_AREA) and
+    mirrors it when plan[i, j, 4] is set. Output per sample: (n, res, res, 3) uint8.
+
+    `plan` is an (N, n, 5) int32 array that the caller rewrites in place before each epoch (new regions);
+    the compiled code reads it through its address, since numba would freeze a captured array."""
+
+    def __init__(self, plan, res):
+        super().__init__()
+        assert plan.dtype == np.int32 and plan.flags.c_contiguous and plan.ndim == 3 and plan.shape[2] == 5
+        self.plan, self.res = plan, res
+
+    def declare_state_and_memory(self, previous_state):
+        from ffcv.pipeline.allocation_query import AllocationQuery
+        n = self.plan.shape[1]
+        max_pixels = int(self.metadata["width"].max()) * int(self.metadata["height"].max()) * 3
+        out_shape = (n, self.res, self.res, 3)
+        return (dataclasses.replace(previous_state, jit_mode=True, shape=out_shape, dtype=np.dtype("uint8")),
+                (AllocationQuery(out_shape, np.dtype("uint8")),
+                 AllocationQuery((max_pixels,), np.dtype("uint8"))))
+
+    def generate_code(self):
+        from ffcv.fields.rgb_image import IMAGE_MODES
+        from ffcv.libffcv import imdecode, resize_crop
+        from ffcv.pipeline.compiler import Compiler
+        mem_read, my_range = self.memory_read, Compiler.get_iterator()
+        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+        jpg = IMAGE_MODES["jpg"]
+        addr, shape = self.plan.ctypes.data, self.plan.shape
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            dst, tmp = my_storage
+            plan = numba.carray(_voidptr(addr), shape, np.int32)
+            for b in my_range(len(batch_indices)):
+                i = batch_indices[b]
+                field = metadata[i]
+                data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    img = tmp[b]
+                    imdecode_c(data, img, height, width, height, width, 0, 0, 1, 1, False, False)
+                    img = img.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    img = data.reshape(height, width, 3)
+                for j in range(shape[1]):
+                    top, left, bottom, right, flip = plan[i, j]
+                    out = dst[b, j]
+                    resize_crop_c(img, top, bottom, left, right, out)
+                    if flip:
+                        for y in range(out.shape[0]):
+                            for x in range(out.shape[1] // 2):
+                                for c in range(3):
+                                    t = out[y, x, c]
+                                    out[y, x, c] = out[y, out.shape[1] - 1 - x, c]
+                                    out[y, out.shape[1] - 1 - x, c] = t
+            return dst[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+def image_sizes(path):
+    """(heights, widths) of the images stored in an FFCV file, from its metadata (no decoding)."""
+    from ffcv.reader import Reader
+    meta = Reader(str(path)).metadata["f0"]
+    return meta["height"].astype(np.int64), meta["width"].astype(np.int64)
+
+
+def region_loader(path, plan, res, batch_size, num_workers=2, order="sequential", seed=0, indices=None,
+                  drop_last=False, distributed=False):
+    """FFCV loader yielding (images (B, n, res, res, 3) uint8, labels (B,), indices (B,)) on the CPU.
+    Batches are FFCV's reused buffers: copy or consume them before the next one."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import Squeeze, ToTensor
+    threads = torch.get_num_threads()
+    loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
+                    order={"sequential": OrderOption.SEQUENTIAL, "random": OrderOption.RANDOM}[order],
+                    seed=seed, indices=indices, drop_last=drop_last, distributed=distributed, os_cache=True,
+                    pipelines={"image": [RegionCrop(plan, res), ToTensor()],
+                               "label": [IntDecoder(), ToTensor(), Squeeze(1)],
+                               "index": [IntDecoder(), ToTensor(), Squeeze(1)],
+                               "regions": None})
+    torch.set_num_threads(threads)  # FFCV sets torch's global thread count to num_workers
+    return loader
+
+
+def to_model_input(images, device, mean=MEAN, std=STD):
+    """(B, n, H, W, 3) uint8 -> (B*n, 3, H, W) float normalized, channels-last, on `device`."""
+    x = images.to(device, non_blocking=True).flatten(0, 1).permute(0, 3, 1, 2)
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+    return ((x.float() - m) / s).contiguous(memory_format=torch.channels_last)
+
+# -----------------------------------------------------------------------------
+# The label file header
+
+def _ffcv_header_type():
+    """FFCV's file header dtype and the byte offset of its allocation table pointer."""
+    from ffcv.types import HeaderType
+    return HeaderType, HeaderType.fields["alloc_table_ptr"][1]
+
+
+def alloc_table_ptr(path):
+    """Where FFCV's allocation table starts in the file at `path` (FFCV's header points to it)."""
+    HeaderType, _ = _ffcv_header_type()
+    return int(np.fromfile(path, dtype=HeaderType, count=1)[0]["alloc_table_ptr"])
+
+
+def set_alloc_table(path, ptr, table):
+    """Write FFCV's allocation table `table` (bytes) at `ptr`, end the file after it, and point FFCV's
+    header there. `attach_header` moves the table this way; a resumed build puts it back with it."""
+    _, off = _ffcv_header_type()
+    with open(path, "r+b") as f:
+        f.seek(ptr)
+        f.write(table)
+        f.truncate()
+        f.seek(off)
+        f.write(struct.pack("<Q", ptr))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def attach_header(path, header):
+    """Insert our JSON header before FFCV's allocation table and point FFCV's header past it."""
+    ptr = alloc_table_ptr(path)
+    payload = json.dumps(header, sort_keys=True).encode()
+    with open(path, "r+b") as f:
+        f.seek(ptr)
+        table = f.read()
+        f.seek(ptr)
+        f.write(payload + struct.pack("<QQ", len(payload), len(table)) + MAGIC)
+    set_alloc_table(path, ptr + len(payload) + 24, table)
+
+
+def read_header(path, rebuild_hint="re-run `python labels.py build ...`"):
+    """Our header of a label file, after checking that the file is whole. Raises UserError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"label file {path} not found; build it with "
+                        f"`python labels.py build --out={path} ...`")
+    HeaderType, _ = _ffcv_header_type()
+    size = path.stat().st_size
+    bad = f"{path} is truncated, corrupt or not a ferkd label file; {rebuild_hint}"
+    if size < HeaderType.itemsize + 24:
+        raise UserError(bad)
+    with open(path, "rb") as f:
+        ffcv_header = np.frombuffer(f.read(HeaderType.itemsize), dtype=HeaderType)[0]
+        ptr = int(ffcv_header["alloc_table_ptr"])
+        if ffcv_header["version"] != 2 or not 24 <= ptr <= size:
+            raise UserError(bad)
+        f.seek(ptr - 24)
+        n_payload, n_alloc, magic = struct.unpack("<QQ8s", f.read(24))
+        if magic != MAGIC or ptr + n_alloc != size or n_payload > ptr - 24:
+            raise UserError(bad)
+        f.seek(ptr - 24 - n_payload)
+        try:
+            header = json.loads(f.read(n_payload))
+        except ValueError:
+            raise UserError(bad) from None
+    if header.get("schema") != SCHEMA_VERSION:
+        raise UserError(f"{path} has label schema {header.get('schema')}, this code reads {SCHEMA_VERSION}; "
+                        f"{rebuild_hint}")
+    return header
+
+
+def region_slots(path):
+    """(N,) int64 file offsets of each image's region record, from FFCV's metadata."""
+    from ffcv.reader import Reader
+    reader = Reader(str(path))
+    return reader.metadata[f"f{reader.field_names.index('regions')}"].astype(np.int64)
+
+
+def read_regions(path, header):
+    """All region records of a label file as an (N, R, D) uint8 array, checked against the header's CRC."""
+    ptrs = region_slots(path)
+    n_bytes = header["regions"] * header["region_bytes"]
+    mm = np.memmap(path, np.uint8, mode="r")
+    table = np.asarray(mm[ptrs[:, None] + np.arange(n_bytes)]).reshape(len(ptrs), header["regions"], -1)
+    if zlib.crc32(table.tobytes()) != header["regions_crc32"]:
+        raise UserError(f"{path}: region records fail their checksum (corrupt file); "
+                        f"re-run `python labels.py build`")
+    return table
+
