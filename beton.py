@@ -521,18 +521,26 @@ def image_sizes(path):
 
 
 def region_loader(path, plan, res, batch_size, num_workers=2, order="sequential", seed=0, indices=None,
-                  drop_last=False, distributed=False):
-    """FFCV loader yielding (images (B, n, res, res, 3) uint8, labels (B,), indices (B,)) on the CPU.
-    Batches are FFCV's reused buffers: copy or consume them before the next one."""
+                  drop_last=False, distributed=False, device=None):
+    """FFCV loader yielding (images (B, n, res, res, 3) uint8, labels (B,), indices (B,)). Images and labels
+    are on `device` when one is given, else on the CPU; indices stay on the CPU (they index host tables).
+    Batches are FFCV's reused buffers: copy or consume them before the next one.
+
+    The copy to a GPU is FFCV's ToDevice inside the pipeline, as in ffcv-imagenet: from pinned memory on a
+    stream of its own, overlapped with the step, and a batch's buffers are not reused before the compute
+    stream has passed the events FFCV records (ffcv/loader/epoch_iterator.py). `.to(cuda, non_blocking=True)`
+    of the CPU batch in the training loop would not be safe: FFCV's host buffers are pinned, so the copy is
+    asynchronous, and FFCV may rewrite the buffer while a GPU that lags the host has not read it yet."""
     from ffcv.fields.basics import IntDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import Squeeze, ToTensor
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor
     threads = torch.get_num_threads()
+    to_device = [] if device is None else [ToDevice(torch.device(device), non_blocking=True)]
     loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                     order={"sequential": OrderOption.SEQUENTIAL, "random": OrderOption.RANDOM}[order],
                     seed=seed, indices=indices, drop_last=drop_last, distributed=distributed, os_cache=True,
-                    pipelines={"image": [RegionCrop(plan, res), ToTensor()],
-                               "label": [IntDecoder(), ToTensor(), Squeeze(1)],
+                    pipelines={"image": [RegionCrop(plan, res), ToTensor(), *to_device],
+                               "label": [IntDecoder(), ToTensor(), Squeeze(1), *to_device],
                                "index": [IntDecoder(), ToTensor(), Squeeze(1)],
                                "regions": None})
     torch.set_num_threads(threads)  # FFCV sets torch's global thread count to num_workers
@@ -540,8 +548,9 @@ def region_loader(path, plan, res, batch_size, num_workers=2, order="sequential"
 
 
 def to_model_input(images, device, mean=MEAN, std=STD):
-    """(B, n, H, W, 3) uint8 -> (B*n, 3, H, W) float normalized, channels-last, on `device`."""
-    x = images.to(device, non_blocking=True).flatten(0, 1).permute(0, 3, 1, 2)
+    """(B, n, H, W, 3) uint8 -> (B*n, 3, H, W) float normalized, channels-last, on `device`. The images
+    should already be there (region_loader's `device`); a CPU batch is copied synchronously."""
+    x = images.to(device).flatten(0, 1).permute(0, 3, 1, 2)
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
     s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
     return ((x.float() - m) / s).contiguous(memory_format=torch.channels_last)

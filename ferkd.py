@@ -37,8 +37,8 @@ import torchvision
 from tqdm import tqdm
 
 from beton import (DATASETS, UserError, atomic_write, box_pixels, center_boxes, dataset_beton, full_boxes,
-                    image_sizes, load_dataset, parse_config, pick_device, quantize_boxes, random_boxes, read_header,
-                    read_regions, region_loader, run_cli, to_model_input, unpack_regions)
+                   image_sizes, load_dataset, parse_config, pick_device, quantize_boxes, random_boxes,
+                   read_header, read_regions, region_loader, run_cli, to_model_input, unpack_regions)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -372,7 +372,7 @@ def make_train_step(model, optimizer, scaler, loss_fn, mix_fn, amp_dtype, device
     and/or wrapped in DDP; `loss_fn` and `mix_fn` carry the mode, chosen once before the loop."""
     def train_step(images_u8, labels, index, choice):
         x, partner, share = mix_fn(to_model_input(images_u8, device), crops)
-        labels = labels.to(device, non_blocking=True).repeat_interleave(crops)
+        labels = labels.to(device).repeat_interleave(crops)            # a no-op: the loader put them there
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)                                       # (B*crops, C)
         loss = loss_fn(logits, labels, index, choice, partner, share)
@@ -423,14 +423,15 @@ def evaluate(model, loader, device, amp_dtype, num_classes):
     return dict(top1=100 * top1 / n, top5=100 * top5 / n, test_images=int(n)), sums.cpu()
 
 
-def eval_loader(data, res, batch_size, num_workers, rank, world):
+def eval_loader(data, res, batch_size, num_workers, rank, world, device):
     path, ds = dataset_beton(data, "test")
     h, w = image_sizes(path)
     boxes = box_pixels(full_boxes(len(h)), h, w) if isinstance(ds.images, np.ndarray) else \
         center_boxes(h, w, 224 / 256)
     plan = np.ascontiguousarray(np.concatenate([boxes, np.zeros((len(h), 1), np.int32)], 1)[:, None])
     shard = np.arange(rank, len(h), world)  # disjoint shards: no padding duplicates in the accuracy
-    return region_loader(path, plan.astype(np.int32), res, batch_size, num_workers, indices=shard), ds
+    return region_loader(path, plan.astype(np.int32), res, batch_size, num_workers, indices=shard,
+                         device=device), ds
 
 # -----------------------------------------------------------------------------
 # Resume: what a checkpoint holds beyond the model, and which run directory may be continued
@@ -622,8 +623,8 @@ def train(**flags):
         raise UserError(f"--batch_size={c.batch_size} must divide among {world} processes")
     per_rank = c.batch_size // world
     loader = region_loader(train_path, plan, res, per_rank, c.num_workers, order="random", seed=c.seed,
-                           indices=images, drop_last=True, distributed=world > 1)
-    test_loader, _ = eval_loader(c.data, res, 512, c.num_workers, rank, world)
+                           indices=images, drop_last=True, distributed=world > 1, device=device)
+    test_loader, _ = eval_loader(c.data, res, 512, c.num_workers, rank, world, device)
     # under DDP each rank gets ceil(N / world) images (FFCV pads like DistributedSampler): count its batches
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
@@ -781,7 +782,7 @@ def evaluate_checkpoint(**flags):
     rank, world, device = setup_distributed(c.device)
     model, ckpt = load_checkpoint(c.ckpt)
     data, res = c.data or ckpt["config"]["data"], c.res or checkpoint_res(ckpt)
-    loader, ds = eval_loader(data, res, max(1, c.batch_size // world), c.num_workers, rank, world)
+    loader, ds = eval_loader(data, res, max(1, c.batch_size // world), c.num_workers, rank, world, device)
     if list(ds.classes) != list(ckpt["classes"]):
         raise UserError(f"{c.ckpt} predicts {len(ckpt['classes'])} classes "
                         f"({', '.join(ckpt['classes'][:4])}, ...), --data={data} has {len(ds.classes)} "

@@ -21,8 +21,10 @@ then bimodal (0.32 or 0.65-0.86 ms at C=1000) and the ratio ~1x or 1.9-2.2x (1 t
 (7 runs). Peak memory: one (B, C) fp32 buffer instead of three (1.0 vs 2.9 MB at C=1000). Up to C=1000 both
 ways make about as many passes over (B, C), softmax dominating; what is left is ~35 eager ops on
 (B, M*K)-sized tensors (~2 us each) and the autograd.Function (~25 us), which the dense way's ~8 ops and C++
-backward do not pay. torch.compile of the torch path reached 1.4x at C=10 (80 us, one run): the 3x of the
-issue is not reached from Python on this CPU. No GPU timing of the kernel yet.
+backward do not pay. Compiled (torch.compile of the torch path inside the same autograd.Function, inductor's
+C++ on CPU; 1 thread, one run on a busy machine, 200 interleaved calls): 1.62x the dense way at C=1000, 1.24x
+at C=10, 2.0x at C=22k, and only 1.09-1.25x when the dense way is compiled too: the 3x of the issue is not
+reached on this CPU, eager or compiled. No GPU timing of the kernel yet.
 
 Legend: B rows, C classes, M regions mixed into a row (SelfMix; M=1 without it), K teacher top-k per region,
 T temperature, z = logits / T, s = softmax(z), I/P = teacher top-k classes/probabilities, p = teacher

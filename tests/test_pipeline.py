@@ -29,7 +29,8 @@ def stored(path):
     return header, beton.read_regions(path, header), beton.load_dataset("digits", "train")
 
 
-def test_loader_replays_stored_boxes_pixel_exact(built):
+@pytest.mark.parametrize("device", [None, "cpu"])  # "cpu": through FFCV's ToDevice, the copy used on GPUs
+def test_loader_replays_stored_boxes_pixel_exact(built, device):
     import beton
     _, path = built
     header, table, ds = stored(path)
@@ -39,7 +40,7 @@ def test_loader_replays_stored_boxes_pixel_exact(built):
     assert 0 < flip.float().mean() < 1  # both flipped and unflipped regions are exercised
     plan = np.concatenate([boxes, flip.numpy()[..., None]], -1).astype(np.int32)
     seen = 0
-    for images, lab, index in beton.region_loader(path, plan, header["res"], 100):
+    for images, lab, index in beton.region_loader(path, plan, header["res"], 100, device=device):
         for b, i in enumerate(index.tolist()):
             assert lab[b] == ds.labels[i]
             for r in range(R):
