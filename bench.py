@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import beton
-from beton import box_pixels, quantize_boxes, random_boxes, region_bytes
+# beton (and with it FFCV) is imported by the parts that need it: `step` and `loss` also run on a GPU machine
+# that has PyTorch and Triton but no FFCV (.ci/gpu-check)
 
 
 def scratch_dir():
@@ -49,6 +49,7 @@ def bench_labels(regions=16, k=5, images=200):
             total += path.stat().st_size
             raw += sum(t.numel() * t.element_size() for t in rec)
         sizes[name] = (raw / (images * regions), total / (images * regions))
+    from beton import region_bytes
     ours = region_bytes(k)
     print(f"\n1. label bytes per region (R={regions}, k={k}, C=1000)")
     print("| format | payload B/region | on disk B/region | ours smaller by (payload / disk) |")
@@ -61,6 +62,7 @@ def bench_labels(regions=16, k=5, images=200):
 
 
 def _fashion_subset(n):
+    import beton
     ds = beton.load_dataset("fashion-mnist", "train")
     ds.images, ds.labels = ds.images[:n], ds.labels[:n]
     return ds
@@ -68,6 +70,8 @@ def _fashion_subset(n):
 
 def bench_loader(images=4000, workers=2, batch=256, regions=4, res=32, epochs=3):
     """Images/s of region replay: FFCV + RegionCrop vs torch DataLoader over PNG files + per-image label files."""
+    import beton
+    from beton import box_pixels, quantize_boxes, random_boxes
     from PIL import Image
     ds = _fashion_subset(images)
     N = len(ds.labels)
@@ -128,38 +132,62 @@ def bench_loader(images=4000, workers=2, batch=256, regions=4, res=32, epochs=3)
           f"{theirs:,.0f} |\n| ratio | {ours / theirs:.1f}x |")
 
 
-def bench_step(arch="small32", batch=256, res=32, steps=20):
-    """Train-step images/s: compiled + bf16 + channels-last vs eager fp32 (same model, batch, optimizer)."""
-    import ferkd
-    torch.set_num_threads(os.cpu_count())  # importing FFCV sets torch's thread count to 1
+def bench_step(arch="small32", batch=256, res=32, steps=20, device="cpu", classes=10):
+    """Train-step images/s: compiled + bf16 + channels-last vs eager fp32 (same model, batch, optimizer), with
+    the FKD loss on synthetic top-5 labels (on CUDA: the Triton kernel). torchvision's resnet* need no FFCV:
+    `python bench.py step --device=cuda --arch=resnet50 --res=224 --batch=256 --classes=1000`."""
+    import torchvision
+    from kernels_triton import ferkd_loss
+    device = torch.device(device)
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count())  # importing FFCV (through ferkd) sets torch's thread count to 1
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (batch, 3, res, res), generator=g).float().div_(255).to(device)
+    w = torch.rand(batch, 1, 6, generator=g)
+    labels = (torch.rand(batch, 1, classes, generator=g).argsort(2)[..., :5].to(device),  # (B, 1, 5) top-5
+              (w / w.sum(2, keepdim=True))[..., :5].to(device), torch.ones(batch, 1, device=device),
+              torch.randint(0, classes, (batch,), generator=g).to(device),
+              torch.ones(batch, 1, device=device))                                            # p_gt, target, mix
+    fkd = dict(t_low=0.0, t_mid=0.0, t_top=1.0, eps=0.0)
     out = {}
     for name, compiled, amp, cl in (("eager fp32", False, False, False),
                                     ("compiled bf16 channels-last", True, True, True)):
         torch.manual_seed(0)
-        model = ferkd.build_model(arch, 10)
+        if arch.startswith("resnet"):
+            model = getattr(torchvision.models, arch)(num_classes=classes)
+        else:
+            import ferkd
+            model = ferkd.build_model(arch, classes)
         fmt = torch.channels_last if cl else torch.contiguous_format
-        model = model.to(memory_format=fmt)
+        model = model.to(device, memory_format=fmt)
         if compiled:
             model.compile()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        x = torch.randn(batch, 3, res, res).contiguous(memory_format=fmt)
-        y = torch.randint(0, 10, (batch,))
+        xb = x.contiguous(memory_format=fmt)
 
         def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                loss = F.cross_entropy(model(x).float(), y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(xb)
+            loss = ferkd_loss(logits.float(), *labels, **fkd)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         t0 = time.time()
-        step()  # warm-up (compiles)
+        for _ in range(3 if device.type == "cuda" else 1):  # warm-up: compiles, autotunes, fills caches
+            step()
+        sync()
         warm = time.time() - t0
         t0 = time.time()
         for _ in range(steps):
             step()
+        sync()
         out[name] = (batch * steps / (time.time() - t0), warm)
-    print(f"\n3. train step, {arch} at {res} px, batch {batch}, CPU ({torch.get_num_threads()} threads)")
-    print("| step | images/s | first step s |\n|---|---|---|")
+    threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({threads} threads)"
+    print(f"\n3. train step (FKD loss), {arch} at {res} px, batch {batch}, {classes} classes, {where}, "
+          f"torch {torch.__version__}")
+    print("| step | images/s | warm-up s |\n|---|---|---|")
     for name, (r, w) in out.items():
         print(f"| {name} | {r:,.0f} | {w:.1f} |")
     a, b = out.values()
