@@ -52,42 +52,101 @@ TORCHVISION_TEACHERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet
                         "efficientnet_b0", "convnext_tiny", "vit_b_16", "regnet_y_16gf")
 
 
-def load_teacher(spec, num_classes):
-    """A teacher from `spec`: a checkpoint written by `ferkd.py train`, or `torchvision:NAME` (pretrained
-    ImageNet weights, downloaded by torchvision) / `torchvision:NAME@WEIGHTS.pth` (weights from a file).
-    Returns (model in eval mode, identity dict for the label header)."""
-    if spec.startswith("torchvision:"):
+def _classes_in(state_dict, classifier, spec):
+    """The class count of the weights in `state_dict` for the classifier layer named `classifier` (fc,
+    head.fc, classifier.1, ...), so that a model fine-tuned on the user's own classes loads as saved."""
+    if isinstance(classifier, (tuple, list)):  # timm's distilled models name two heads: the first is the one
+        classifier = classifier[0]
+    weight = state_dict.get(f"{classifier}.weight")
+    if weight is None or weight.ndim != 2:
+        raise UserError(f"the weights of {spec} hold no {classifier}.weight classifier: another model's?")
+    return weight.shape[0]
+
+
+def _read_weights(path):
+    """A state dict from a .pth (tensors only: no pickled code) or a .safetensors file."""
+    if not Path(path).is_file():
+        raise UserError(f"teacher weights {path} not found")
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch and safetensors raise many types for a damaged or foreign file
+        raise UserError(f"cannot read teacher weights {path} ({type(e).__name__}): expected a state dict "
+                        f"saved by torch.save, or a .safetensors file") from None
+
+
+def _load_state(model, state, spec):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors: its first lines name them
+        raise UserError(f"the weights do not fit {spec}: " + " ".join(str(e).split())[:300]) from None
+
+
+def load_teacher(spec):
+    """A teacher from `spec`, in eval mode, with its identity for the label header (kind, name, checksum and
+    the input normalization the teacher was trained with):
+        CKPT.pt                      a checkpoint written by `ferkd.py train`
+        torchvision:NAME             torchvision's pretrained ImageNet weights (downloaded by torchvision)
+        torchvision:NAME@FILE.pth    weights from a file, of any class count (fine-tuned on your classes)
+        timm:NAME                    timm's pretrained weights (downloaded from the Hugging Face hub by timm)
+        timm:NAME@FILE               weights from a .pth or .safetensors file; timm's normalization for NAME
+    torchvision names come from an allow-list and timm names from timm's registry: a user string never names
+    code to import."""
+    kind, _, rest = spec.partition(":") if spec.startswith(("torchvision:", "timm:")) else ("ferkd", "", spec)
+    name, _, weights_file = rest.partition("@")
+    mean, std = MEAN, STD
+    if kind == "torchvision":
         import torchvision
-        name, _, weights_file = spec.split(":", 1)[1].partition("@")
-        if name not in TORCHVISION_TEACHERS:  # an allow-list: never resolve user strings to arbitrary code
+        if name not in TORCHVISION_TEACHERS:
             raise UserError(f"teacher {name!r} not supported; "
                             f"choose one of {', '.join(TORCHVISION_TEACHERS)}")
         if weights_file:
-            if not Path(weights_file).is_file():
-                raise UserError(f"teacher weights {weights_file} not found")
+            state = _read_weights(weights_file)
             model = getattr(torchvision.models, name)(weights=None)
-            model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+            last = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]  # classifier
+            classes = _classes_in(state, last, spec)
+            if classes != 1000:
+                model = getattr(torchvision.models, name)(weights=None, num_classes=classes)
+            _load_state(model, state, spec)
             checksum = file_sha256(weights_file)
         else:
             weights = torchvision.models.get_model_weights(name).DEFAULT
             model = getattr(torchvision.models, name)(weights=weights)
             checksum = str(weights)
-        ident = dict(kind="torchvision", name=name, checksum=checksum, mean=MEAN, std=STD)
+    elif kind == "timm":
+        import timm
+        if not timm.is_model(name):
+            raise UserError(f"timm has no model {name!r} (see timm.list_models())")
+        if weights_file:
+            state = _read_weights(weights_file)
+            model = timm.create_model(name, pretrained=False)
+            model.reset_classifier(_classes_in(state, model.pretrained_cfg["classifier"], spec))
+            _load_state(model, state, spec)
+            checksum = file_sha256(weights_file)
+        else:
+            model = timm.create_model(name, pretrained=True)
+            checksum = f"timm:{model.pretrained_cfg.get('hf_hub_id') or name}"
+        config = timm.data.resolve_model_data_config(model)
+        mean, std = tuple(config["mean"]), tuple(config["std"])
     else:
         from ferkd import load_checkpoint
         model, ckpt = load_checkpoint(spec)
-        ident = dict(kind="ferkd", name=ckpt["config"]["arch"], checksum=file_sha256(spec), mean=MEAN,
-                     std=STD)
-    model.eval()
-    n_out = _num_outputs(model)
+        name, checksum = ckpt["config"]["arch"], file_sha256(spec)
+    return model.eval(), dict(kind=kind, name=name, checksum=checksum, mean=mean, std=std)
+
+
+@torch.no_grad()
+def check_teacher(model, spec, res, num_classes):
+    """One forward pass on a blank crop: the teacher must take res x res input and predict num_classes."""
+    try:
+        n_out = model(torch.zeros(1, 3, res, res)).shape[-1]
+    except RuntimeError as e:  # a stem that downsamples too far, a ViT with a fixed input size, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"teacher {spec} cannot take {res}x{res} crops ({first}); choose --res") from None
     if n_out != num_classes:
         raise UserError(f"teacher {spec} predicts {n_out} classes, the dataset has {num_classes}")
-    return model, ident
-
-
-def _num_outputs(model):
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    return last.out_features
 
 # -----------------------------------------------------------------------------
 # `labels.py build`: chunk by chunk, so it can be killed and resumed, and sharded with torchrun
@@ -203,7 +262,8 @@ def build(**flags):
     C, N, R, k, D = len(ds.classes), len(ds.labels), c.regions, c.k, region_bytes(c.k)
     if k > C or C > 32768:
         raise UserError(f"--k={k} must be at most the class count {C} (<= 32768)")
-    model, teacher_id = load_teacher(c.teacher, C)
+    model, teacher_id = load_teacher(c.teacher)
+    check_teacher(model, c.teacher, res, C)
     model.to(device).to(memory_format=torch.channels_last)
     per_batch = max(1, c.batch_size // (R + 1))  # images per teacher forward
     chunk = -(-c.chunk // per_batch) * per_batch  # whole batches, so batches never straddle two chunks
