@@ -3,6 +3,7 @@ Region soft labels for FKD / FerKD, stored beside the images in one FFCV `.beton
 
     python labels.py build --data=fashion-mnist --teacher=runs/teacher/final.pt --out=data/fm-labels.beton
     python labels.py build --data=imagefolder:/data/imagenet --teacher=torchvision:resnet50 --out=in1k.beton
+    python labels.py build --data=imagefolder:/data/imagenet --teacher=timm:convnext_base --out=in1k.beton
     torchrun --nproc_per_node=8 labels.py build ...   # each process takes a share of the chunks; same bytes
     python labels.py show data/fm-labels.beton --out=regions.png --t_low=0.1 --t_mid=0.5 --t_top=0.99
 
