@@ -140,7 +140,8 @@ def bench_step(arch="small32", batch=256, res=32, steps=20, device="cpu", classe
     from kernels_triton import ferkd_loss
     device = torch.device(device)
     if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count())  # importing FFCV (through ferkd) sets torch's thread count to 1
+        # FFCV's Loader (bench_loader runs before this in `all`) leaves torch at its num_workers threads
+        torch.set_num_threads(os.cpu_count())
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (batch, 3, res, res), generator=g).float().div_(255).to(device)

@@ -25,6 +25,7 @@ in ferkd.py, so the teacher sees each region exactly as the trainer replays it.
 import contextlib
 import dataclasses
 import errno
+import functools
 import gzip
 import hashlib
 import json
@@ -348,7 +349,6 @@ def _open_images(ds):
 def write_beton(path, ds, regions=None, num_workers=2, quiet=None):
     """Write `ds` (and per-image region records) to an FFCV file at `path` (not atomic: callers write to a
     temporary name and rename). With one worker the bytes are a function of the inputs only."""
-    import functools
     import ffcv.writer
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.writer import DatasetWriter
@@ -551,9 +551,15 @@ def to_model_input(images, device, mean=MEAN, std=STD):
     """(B, n, H, W, 3) uint8 -> (B*n, 3, H, W) float normalized, channels-last, on `device`. The images
     should already be there (region_loader's `device`); a CPU batch is copied synchronously."""
     x = images.to(device).flatten(0, 1).permute(0, 3, 1, 2)
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+    m, s = _normalization(torch.device(device), tuple(mean), tuple(std))
     return ((x.float() - m) / s).contiguous(memory_format=torch.channels_last)
+
+
+@functools.lru_cache(maxsize=None)
+def _normalization(device, mean, std):
+    """mean * 255 and std * 255 as (1, 3, 1, 1) tensors on `device`, made once: made per batch, each would be
+    a copy from the host that waits for the GPU, on every training step."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (mean, std))
 
 # -----------------------------------------------------------------------------
 # The label file header

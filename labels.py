@@ -346,8 +346,8 @@ def build(**flags):
             ci = int(idx[0]) // chunk
             if idx[-1] == min(N, (ci + 1) * chunk) - 1:  # its last batch: make the chunk durable, then say so
                 mm.flush()
-                done = json.dumps(dict(region_hits=int(hits[0]), image_hits=int(hits[1])))
-                atomic_write(state / f"c{ci:06d}.json", lambda tmp: tmp.write_text(done))
+                chunk_hits = json.dumps(dict(region_hits=int(hits[0]), image_hits=int(hits[1])))
+                atomic_write(state / f"c{ci:06d}.json", lambda tmp: tmp.write_text(chunk_hits))
                 hits[:] = 0
         bar.close()
         del mm
