@@ -71,13 +71,15 @@ def _fashion_subset(n):
 def bench_loader(images=4000, workers=2, batch=256, regions=4, res=32, epochs=3):
     """Images/s of region replay: FFCV + RegionCrop vs torch DataLoader over PNG files + per-image label files."""
     import beton
-    from beton import box_pixels, quantize_boxes, random_boxes
+    from beton import box_pixels, grid_boxes, random_boxes
     from PIL import Image
     ds = _fashion_subset(images)
     N = len(ds.labels)
     d = scratch_dir()
     rng = np.random.default_rng(0)
-    boxes = quantize_boxes(random_boxes(rng, N * regions)[0]).reshape(N, regions, 4)
+    H, W = ds.images.shape[1:3]
+    boxes = grid_boxes(random_boxes(rng, np.full(N * regions, H), np.full(N * regions, W))[0], H, W)
+    boxes = boxes.reshape(N, regions, 4)
     flips = rng.random((N, regions)) < 0.5
     table = beton.pack_regions(boxes, flips, rng.integers(0, 10, (N, regions, 5)), rng.random((N, regions, 5)) / 5,
                                 rng.random((N, regions)))

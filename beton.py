@@ -6,12 +6,13 @@ format and its boxes, the datasets and their fingerprints, the FFCV file writer,
 stored region (`RegionCrop`), the JSON header; and the small command-line plumbing both commands use
 (one-line errors, typed flags, atomic writes).
 
-File layout (schema 1). The `.beton` is a plain FFCV file with four fields per image:
+File layout (schema 2). The `.beton` is a plain FFCV file with four fields per image:
     image    RGBImageField   raw pixels (small images) or JPEG (imagefolder)
     label    IntField        ground-truth class
     index    IntField        position of the image in the dataset (the trainer gathers region labels by it)
     regions  NDArrayField    uint8 (R, D), D = 4 + 3k + 1 bytes per region (20 for k=5):
-               [0:4]          box (y0, x0, y1, x1) on a 0..255 grid of the stored image (see `box_pixels`)
+               [0:4]          box (y0, x0, y1, x1) on a 0..255 grid of the stored image (`grid_boxes`,
+                              `box_pixels`), drawn in its pixels by torchvision's RandomResizedCrop rule
                [4:4+2k]       top-k class ids, uint16 little-endian; bit 15 of the first id is the flip
                [4+2k:4+3k]    top-k probabilities, round(255 p)
                [4+3k]         p_gt, round(255 p)
@@ -49,7 +50,7 @@ from ffcv.fields.rgb_image import SimpleRGBImageDecoder  # noqa: E402
 torch.set_num_threads(_torch_threads)  # importing FFCV sets torch to 1 thread (ffcv/pipeline/compiler.py);
 # its Loader later sets torch's threads to its num_workers, for every epoch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: boxes drawn in the pixels of each stored image (1: in the unit square)
 MAGIC = b"FERKDHDR"
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, used for every dataset so teachers transfer
 STD = (0.229, 0.224, 0.225)
@@ -132,16 +133,27 @@ def region_bytes(k):
     return 4 + 3 * k + 1
 
 
+def quantize_probs(p):
+    """Probabilities (..., k) -> uint8 round(255 p), the sum over the last axis capped at 255: rounding each
+    one up can overshoot (0.5 + 0.5 + ... > 1), and a top-k above 1 leaves the other classes a negative mass
+    (1 - sum) / (C - k), which makes the loss unbounded below. The overshoot (< k/2) is taken from the entries
+    rounded up the most (largest-remainder rounding)."""
+    x = np.asarray(p, np.float64) * 255
+    q = np.clip(np.rint(x), 0, 255)
+    excess = np.maximum(q.sum(-1, keepdims=True) - 255, 0)
+    most_up_first = np.argsort(np.argsort(x - q, axis=-1, kind="stable"), axis=-1, kind="stable")
+    return np.maximum(q - (most_up_first < excess), 0).astype(np.uint8)
+
+
 def pack_regions(qbox, flip, ids, probs, pgt):
     """qbox (..., 4) uint8, flip (...) bool, ids (..., k) int, probs (..., k) float, pgt (...) float
     -> (..., 4 + 3k + 1) uint8 records (numpy)."""
     k = ids.shape[-1]
     ids = ids.astype(np.uint16)
     ids[..., 0] |= flip.astype(np.uint16) << 15
-    q = lambda p: np.clip(np.rint(np.asarray(p, np.float64) * 255), 0, 255).astype(np.uint8)
-    out = np.concatenate([qbox.astype(np.uint8), ids.view(np.uint8).reshape(*ids.shape[:-1], 2 * k),
-                          q(probs), q(pgt)[..., None]], axis=-1)
-    return out
+    pgt = np.clip(np.rint(np.asarray(pgt, np.float64) * 255), 0, 255).astype(np.uint8)
+    return np.concatenate([qbox.astype(np.uint8), ids.view(np.uint8).reshape(*ids.shape[:-1], 2 * k),
+                           quantize_probs(probs), pgt[..., None]], axis=-1)
 
 
 def unpack_regions(rec, k):
@@ -157,34 +169,46 @@ def unpack_regions(rec, k):
     return ids, probs, pgt, flip
 
 
-def random_boxes(rng, n, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
-    """n RandomResizedCrop boxes in the unit square, torchvision's rule (10 tries, then a centred box of
-    clamped aspect), vectorized. Returns (n, 4) float (y0, x0, y1, x1) and (n,) bool flips.
-    Boxes are drawn for a unit square: `quantize_boxes` maps them to the 255-grid of any image size."""
-    area = rng.uniform(scale[0], scale[1], (n, tries))
-    logr = rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (n, tries))
-    ar = np.exp(logr)
-    w, h = np.sqrt(area * ar), np.sqrt(area / ar)
-    ok = (w <= 1) & (h <= 1)
-    first = np.argmax(ok, axis=1)
-    rows = np.arange(n)
+def random_boxes(rng, heights, widths, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
+    """One RandomResizedCrop box per entry of heights/widths (n,), in the pixels of that image, by torchvision's
+    rule (`RandomResizedCrop.get_params`), vectorized: an area share in [scale] of H*W and a log-uniform aspect
+    w/h in [ratio], rounded to whole pixels, the first of `tries` draws that fits; if none fits, the centred
+    crop of the image's aspect clamped to [ratio]. The offset is uniform over the places the box fits.
+    Returns (n, 4) int64 pixel boxes (top, left, bottom, right), bottom/right exclusive, and (n,) bool flips."""
+    H, W = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
+    n = len(H)
+    area = (H * W)[:, None] * rng.uniform(scale[0], scale[1], (n, tries))        # (n, tries) target areas
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (n, tries)))  # (n, tries) w / h
+    w = np.rint(np.sqrt(area * aspect)).astype(np.int64)  # rint rounds half to even, as Python's round
+    h = np.rint(np.sqrt(area / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= W[:, None]) & (h > 0) & (h <= H[:, None])
+    rows, first = np.arange(n), np.argmax(fits, axis=1)
     w, h = w[rows, first], h[rows, first]
-    fallback = ~ok.any(axis=1)  # torchvision's fallback for a square image: the whole image
-    w[fallback], h[fallback] = 1.0, 1.0
-    y0 = rng.uniform(0, 1, n) * (1 - h)
-    x0 = rng.uniform(0, 1, n) * (1 - w)
+    u_top, u_left = rng.uniform(0, 1, n), rng.uniform(0, 1, n)
+    top = np.floor(u_top * (H - h + 1)).astype(np.int64)      # torch.randint(0, H - h + 1)
+    left = np.floor(u_left * (W - w + 1)).astype(np.int64)
+    # fallback: the whole image when its aspect is within [ratio], else its centre at the nearest bound
+    none = ~fits.any(axis=1)
+    in_ratio = W / H
+    fw = np.where(in_ratio > ratio[1], np.rint(H * ratio[1]).astype(np.int64), W)
+    fh = np.where(in_ratio < ratio[0], np.rint(W / ratio[0]).astype(np.int64), H)
+    w, h = np.where(none, fw, w), np.where(none, fh, h)
+    top, left = np.where(none, (H - h) // 2, top), np.where(none, (W - w) // 2, left)
     flip = rng.uniform(0, 1, n) < 0.5
-    return np.stack([y0, x0, y0 + h, x0 + w], axis=1), flip
+    return np.stack([top, left, top + h, left + w], axis=1), flip
 
 
-def quantize_boxes(boxes):
-    """(..., 4) unit-square boxes -> uint8 on the 0..255 grid, each side at least one grid step."""
-    q = np.clip(np.rint(boxes * 255), 0, 255).astype(np.int32)
-    q[..., 2] = np.maximum(q[..., 2], q[..., 0] + 1)
-    q[..., 3] = np.maximum(q[..., 3], q[..., 1] + 1)
-    q[..., 0] = np.minimum(q[..., 0], 254)
-    q[..., 1] = np.minimum(q[..., 1], 254)
-    q[..., 2:] = np.minimum(q[..., 2:], 255)
+def grid_boxes(px, heights, widths):
+    """Pixel boxes (..., 4) of images heights x widths (broadcastable) -> uint8 on the 0..255 grid of each
+    image, the nearest grid line to each edge (integer-only), each side at least one grid step. `box_pixels`
+    maps them back: exactly for sides up to 255 px, within side/510 + 1/2 px per edge above."""
+    px = np.asarray(px, np.int64)
+    h = np.asarray(heights, np.int64)[..., None]
+    w = np.asarray(widths, np.int64)[..., None]
+    side = np.concatenate([h, w, h, w], axis=-1)
+    q = np.clip((px * 255 + side // 2) // side, 0, 255)
+    q[..., 0:2] = np.minimum(q[..., 0:2], 254)
+    q[..., 2:4] = np.maximum(q[..., 2:4], q[..., 0:2] + 1)
     return q.astype(np.uint8)
 
 
@@ -640,14 +664,32 @@ def region_slots(path):
     return reader.metadata[f"f{reader.field_names.index('regions')}"].astype(np.int64)
 
 
-def read_regions(path, header):
-    """All region records of a label file as an (N, R, D) uint8 array, checked against the header's CRC."""
-    ptrs = region_slots(path)
-    n_bytes = header["regions"] * header["region_bytes"]
+def region_blocks(path, nbytes, slots=None):
+    """Each image's nbytes of region records as a read-only view, in image order: one slice of the
+    memory-mapped file at a time, so a pass over the table holds no per-region index or copy."""
     mm = np.memmap(path, np.uint8, mode="r")
-    table = np.asarray(mm[ptrs[:, None] + np.arange(n_bytes)]).reshape(len(ptrs), header["regions"], -1)
-    if zlib.crc32(table.tobytes()) != header["regions_crc32"]:
+    for s in region_slots(path) if slots is None else slots:
+        yield mm[s:s + nbytes]
+
+
+def regions_crc32(path, nbytes):
+    crc = 0
+    for block in region_blocks(path, nbytes):
+        crc = zlib.crc32(block, crc)
+    return crc
+
+
+def read_regions(path, header):
+    """All region records of a label file as an (N, R, D) uint8 array, checked against the header's CRC:
+    the only per-region memory a reader holds is this table."""
+    R, D = header["regions"], header["region_bytes"]
+    slots = region_slots(path)
+    table = np.empty((len(slots), R * D), np.uint8)
+    crc = 0
+    for row, block in zip(table, region_blocks(path, R * D, slots)):
+        row[:] = block
+        crc = zlib.crc32(block, crc)
+    if crc != header["regions_crc32"] or len(slots) != header["images"]:
         raise UserError(f"{path}: region records fail their checksum (corrupt file); "
                         f"re-run `python labels.py build`")
-    return table
-
+    return table.reshape(-1, R, D)

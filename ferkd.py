@@ -37,8 +37,9 @@ import torchvision
 from tqdm import tqdm
 
 from beton import (DATASETS, UserError, atomic_write, box_pixels, center_boxes, dataset_beton, full_boxes,
-                   image_sizes, load_dataset, parse_config, pick_device, quantize_boxes, random_boxes,
+                   grid_boxes, image_sizes, load_dataset, parse_config, pick_device, random_boxes,
                    read_header, read_regions, region_loader, run_cli, to_model_input, unpack_regions)
+from kernels_triton import ferkd_loss, region_category
 
 # -----------------------------------------------------------------------------
 # Config
@@ -229,44 +230,55 @@ def checkpoint_res(ckpt):
 # -----------------------------------------------------------------------------
 # Data: which regions each epoch replays, and the targets the loss sees
 
+CHUNK_IMAGES = 8192  # passes over the region table go this many images at a time: bounded temporaries
+
+
+def region_categories(table, k, t_low, t_mid, t_top):
+    """FerKD's category of every stored region, (N, R) int8: 0 dropped, 1 hard, 2 soft (region_category on
+    the stored p_gt byte), computed a chunk of images at a time."""
+    cat = np.empty(table.shape[:2], np.int8)
+    for s in range(0, len(table), CHUNK_IMAGES):
+        pgt = torch.from_numpy(table[s:s + CHUNK_IMAGES, :, 4 + 3 * k]).float() / 255  # as unpack_regions
+        cat[s:s + CHUNK_IMAGES] = region_category(pgt, t_low, t_mid, t_top).numpy()
+    return cat
+
+
 def region_plans(c, header, table, heights, widths):
     """Returns (plan, fill(epoch) -> choice, kept image indices, region categories (N, R) or None).
-    `fill` writes the epoch's pixel boxes into the
-    decoder's plan (N, crops, 5) in place and returns the region chosen for each (image, crop), or None.
-    Chosen once per run, so the step never branches on the mode."""
+    `fill` writes the epoch's pixel boxes into the decoder's plan (N, crops, 5) in place and returns the region
+    chosen for each (image, crop), or None. Chosen once per run, so the step never branches on the mode.
+    Every per-region array is uint8/int8 (the table, the categories); wider temporaries are per chunk."""
     N = len(heights)
     plan = np.zeros((N, c.crops, 5), np.int32)
-    if c.kd == "none":  # fresh RandomResizedCrop boxes every epoch, drawn by the label builder's rule
+    if c.kd == "none":  # fresh RandomResizedCrop boxes every epoch, by the label builder's rule and grid
+        H, W = np.repeat(heights, c.crops), np.repeat(widths, c.crops)
+
         def fill(epoch):
-            rng = np.random.default_rng([c.seed, epoch, 1 << 20])
-            b, f = random_boxes(rng, N * c.crops, scale=(c.scale_min, 1.0))
-            q = quantize_boxes(b).reshape(N, c.crops, 4)
-            plan[..., :4] = box_pixels(q, heights[:, None], widths[:, None])
-            plan[..., 4] = f.reshape(N, c.crops)
+            px, flip = random_boxes(np.random.default_rng([c.seed, epoch, 1 << 20]), H, W,
+                                    scale=(c.scale_min, 1.0))
+            plan[..., :4] = box_pixels(grid_boxes(px, H, W), H, W).reshape(N, c.crops, 4)
+            plan[..., 4] = flip.reshape(N, c.crops)
             return None
         return plan, fill, np.arange(N), None
 
     R, k = header["regions"], header["k"]
-    from kernels_triton import region_category
-    _, _, pgt, flip = unpack_regions(torch.from_numpy(table), k)
-    cat = region_category(pgt, c.t_low, c.t_mid, c.t_top)  # (N, R) 0 dropped, 1 hard, 2 soft
-    keep = (cat > 0).numpy()  # FerKD: dropped regions are never replayed
-    count = keep.sum(1)
+    cat = region_categories(table, k, c.t_low, c.t_mid, c.t_top)
+    count = (cat > 0).sum(1)  # FerKD: dropped regions are never replayed
     images = np.flatnonzero(count > 0)
-    boxes = box_pixels(table[..., :4], heights[:, None], widths[:, None])  # (N, R, 4)
-    flip = flip.numpy()
 
     def fill(epoch):
         # kept regions first in a random order per image, then crop j takes the ((start + j) mod count)-th:
         # distinct regions while crops <= count, every kept region equally likely
-        rng = np.random.default_rng([c.seed, epoch])
-        order = np.argsort(np.where(keep, rng.random((N, R)), 2.0), axis=1)
-        start = rng.integers(0, R, N)
-        pos = (start[:, None] + np.arange(c.crops)) % np.maximum(count, 1)[:, None]
-        choice = np.take_along_axis(order, pos, axis=1)  # (N, crops)
-        rows = np.arange(N)[:, None]
-        plan[..., :4] = boxes[rows, choice]
-        plan[..., 4] = flip[rows, choice]
+        choice = np.empty((N, c.crops), np.int64)
+        for s in range(0, N, CHUNK_IMAGES):
+            e = min(N, s + CHUNK_IMAGES)
+            rng = np.random.default_rng([c.seed, epoch, s])
+            order = np.argsort(np.where(cat[s:e] > 0, rng.random((e - s, R)), 2.0), axis=1)
+            pos = (rng.integers(0, R, e - s)[:, None] + np.arange(c.crops)) % np.maximum(count[s:e], 1)[:, None]
+            choice[s:e] = np.take_along_axis(order, pos, axis=1)             # (n, crops)
+            rec = table[np.arange(s, e)[:, None], choice[s:e]]                # (n, crops, D)
+            plan[s:e, :, :4] = box_pixels(rec[..., :4], heights[s:e, None], widths[s:e, None])
+            plan[s:e, :, 4] = unpack_regions(torch.from_numpy(rec), k)[3].numpy()
         return torch.from_numpy(choice)
     return plan, fill, images, cat
 
@@ -284,11 +296,12 @@ def region_targets(table, k, index, choice, device):
     return ids, probs, pgt
 
 
-def kd_loss(c, table, k):
-    """Soft-label loss over stored regions through the fused FerKD loss (FKD: thresholds 0, 0, 1).
+def kd_loss(c, table, header):
+    """Soft-label loss over stored regions through the fused FerKD loss (FKD: thresholds 0, 0, 1), at the
+    temperature T the labels were built with: student logits / T, loss x T^2 (FKD, Hinton et al.).
     `partner`/`share` come from `mix_batch`: row r mixes its own region (weight share) with row
     partner[r]'s."""
-    from kernels_triton import ferkd_loss
+    k, temperature = header["k"], float(header["temperature"])
     table = torch.from_numpy(table)
 
     def loss(logits, labels, index, choice, partner, share):
@@ -299,7 +312,7 @@ def kd_loss(c, table, k):
                                                               labels[partner], logits.shape[1], c)
         mix = torch.stack([share, 1 - share], 1)
         return ferkd_loss(logits, ids, probs, pgt, labels, mix, t_low=c.t_low, t_mid=c.t_mid, t_top=c.t_top,
-                          eps=c.eps)
+                          eps=c.eps, temperature=temperature)
     return loss
 
 
@@ -308,7 +321,6 @@ def as_soft_label(ids, probs, pgt, truth, C, c):
     (ferkd_loss applies the hard-region rule with the row's class). A softened one-hot is a top-k label with
     1 - eps on the truth and eps/(C-1) on k-1 other classes, the rest spread evenly: exactly eps/(C-1)
     each."""
-    from kernels_triton import region_category
     cat = region_category(pgt, c.t_low, c.t_mid, c.t_top)
     k = ids.shape[1]
     hard_ids = (truth[:, None] + torch.arange(k, device=ids.device)) % C
@@ -632,7 +644,7 @@ def train(**flags):
     total_steps = steps_per_epoch * c.epochs
     shares = None
     if c.kd != "none":
-        shares = [(category == i).float().mean().item() for i in range(3)]
+        shares = [np.count_nonzero(category == i) / category.size for i in range(3)]
         print0(f"regions at t_low={c.t_low} t_mid={c.t_mid} t_top={c.t_top}: dropped {shares[0]:.1%}, "
                f"hard {shares[1]:.1%}, soft {shares[2]:.1%}; {len(images)} of {len(heights)} images keep one")
 
@@ -670,7 +682,7 @@ def train(**flags):
     if compiled:  # in place: state_dict keys keep their names (no `_orig_mod.`); DDP then wraps the compiled
         model.compile()  # module, never the reverse (compiling a DDP wrapper compiled nothing, NOTES.md)
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    loss_fn = ce_loss(c.label_smoothing) if c.kd == "none" else kd_loss(c, table, header["k"])
+    loss_fn = ce_loss(c.label_smoothing) if c.kd == "none" else kd_loss(c, table, header)
     train_step = make_train_step(ddp, optimizer, scaler, loss_fn, mix_batch(c, generator), amp_dtype, device,
                                  c.crops)
     warmup = int(c.warmup_epochs * steps_per_epoch)

@@ -25,7 +25,6 @@ import os
 import shutil
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from beton import (MEAN, SCHEMA_VERSION, STD, UserError, alloc_table_ptr, atomic_write, attach_header,
-                   box_pixels, full_boxes, image_sizes, load_dataset, pack_regions, parse_config, pick_device,
-                   quantize_boxes, random_boxes, read_header, read_regions, region_bytes, region_loader,
-                   region_slots, run_cli, set_alloc_table, to_model_input, unpack_regions, write_beton)
+                   box_pixels, full_boxes, grid_boxes, image_sizes, load_dataset, pack_regions, parse_config,
+                   pick_device, random_boxes, read_header, read_regions, region_bytes, region_loader,
+                   region_slots, regions_crc32, run_cli, set_alloc_table, to_model_input, unpack_regions,
+                   write_beton)
 
 # -----------------------------------------------------------------------------
 # Teachers
@@ -282,22 +282,15 @@ def build(**flags):
     mode = previous_build(c, key, out, partial, state)
     barrier()  # every rank has read the old state before rank 0 changes it
 
-    # 1. boxes and flips: a function of (seed, image index) only, so every rank computes the same ones
-    boxes = np.empty((N, R, 4), np.uint8)
-    flips = np.empty((N, R), bool)
-    for i in range(N):
-        b, f = random_boxes(np.random.default_rng([c.seed, i]), R, scale=(c.scale_min, 1.0))
-        boxes[i], flips[i] = quantize_boxes(b), f
+    # 1. the images, with all-zero region records (rank 0): one writer process, since FFCV's workers take
+    # chunks from a queue, so with several the layout would vary
     if rank == 0 and mode == "finished":
         shutil.rmtree(state)
     if rank == 0 and mode == "fresh":
         shutil.rmtree(state, ignore_errors=True)
         partial.unlink(missing_ok=True)
-        zeros = np.zeros((N, R, k))
-        table = pack_regions(boxes, flips, zeros.astype(np.int64), zeros, zeros[..., 0])
-        # one writer process: FFCV's workers take chunks from a queue, so with several the layout would vary
-        write_beton(partial, ds, table, num_workers=1, quiet=not sys.stderr.isatty())
-        del table
+        zeros = np.broadcast_to(np.zeros((1, R, D), np.uint8), (N, R, D))  # one record block, no N copies
+        write_beton(partial, ds, zeros, num_workers=1, quiet=not sys.stderr.isatty())
         state.mkdir()
         ptr = alloc_table_ptr(partial)
         with open(partial, "rb") as f:
@@ -311,35 +304,44 @@ def build(**flags):
         print(f"{out} was already built; removed the leftover {state}")
         return None
 
-    # 2. the teacher on every region and on the whole image, replayed by the student's decoder
-    heights, widths = image_sizes(partial)
-    plan = np.concatenate([box_pixels(boxes, heights[:, None], widths[:, None]),
-                           flips[..., None].astype(np.int32)], axis=-1)
-    full = np.concatenate([box_pixels(full_boxes(N), heights, widths), np.zeros((N, 1), np.int32)], axis=1)
-    plan = np.ascontiguousarray(np.concatenate([plan, full[:, None]], axis=1), dtype=np.int32)  # (N, R+1, 5)
+    # 2. boxes and flips in the pixels of each stored image, a function of (seed, image index) only; then the
+    # teacher on every region and on the whole image, replayed by the student's decoder
     mine = range(rank, n_chunks, world)
     todo = [i for i in mine if not (state / f"c{i:06d}.json").exists()]
     if rank == 0:
         print(f"{N} images in {n_chunks} chunks of {chunk}, {world} process(es); "
               f"this rank: {len(todo)} chunks to do, {len(mine) - len(todo)} done before", flush=True)
     if todo:
+        indices = np.concatenate([np.arange(i * chunk, min(N, (i + 1) * chunk)) for i in todo])
+        heights, widths = image_sizes(partial)
+        # np.zeros maps pages lazily, so these N-row arrays hold memory only for the rows this rank fills: its
+        # share of the images (each (R + 1) x 5 int32 plan row is one region's replay: box in pixels, flip)
+        qboxes, flips = np.zeros((N, R, 4), np.uint8), np.zeros((N, R), bool)
+        plan = np.zeros((N, R + 1, 5), np.int32)
+        for i in indices:
+            px, flips[i] = random_boxes(np.random.default_rng([c.seed, i]), np.full(R, heights[i]),
+                                        np.full(R, widths[i]), scale=(c.scale_min, 1.0))
+            qboxes[i] = grid_boxes(px, heights[i], widths[i])
+            plan[i, :R, :4] = box_pixels(qboxes[i], heights[i], widths[i])  # what the student will replay
+            plan[i, :R, 4] = flips[i]
+            plan[i, R, :4] = (0, 0, heights[i], widths[i])                   # and the whole image
         slots = region_slots(partial)
         mm = np.memmap(partial, np.uint8, mode="r+")
-        indices = np.concatenate([np.arange(i * chunk, min(N, (i + 1) * chunk)) for i in todo])
         loader = region_loader(partial, plan, res, per_batch, c.num_workers, indices=indices)
+        tty = sys.stderr.isatty()
         bar = tqdm(total=len(indices) * (R + 1), desc=f"teacher ({device.type})", unit="crop",
-                   unit_scale=True,
-                   disable=rank != 0 or not sys.stderr.isatty())
+                   unit_scale=True, disable=rank != 0 or not tty)
         hits = np.zeros(2, np.int64)  # this chunk's (region top-1, whole-image top-1) hits
+        t_chunks, n_done = time.time(), 0
         for images, labels, index in loader:
             x = to_model_input(images, device, teacher_id["mean"], teacher_id["std"])
             p = teacher_probs(model, x, device, c.temperature).view(len(index), R + 1, C).cpu()
             top_p, top_i = p[:, :R].topk(k, dim=2)                        # (B, R, k)
             gt = p[:, :R].gather(2, labels.view(-1, 1, 1).expand(-1, R, 1)).squeeze(2)  # (B, R) p_gt
             idx = index.numpy().astype(np.int64)
-            rec = pack_regions(boxes[idx], flips[idx], top_i.numpy(), top_p.double().numpy(),
-                               gt.double().numpy())
-            mm[slots[idx, None] + np.arange(R * D)] = rec.reshape(len(idx), R * D)
+            rec = pack_regions(qboxes[idx], flips[idx], top_i.numpy(), top_p.numpy(), gt.numpy())
+            for s, r in zip(slots[idx], rec):                                # (R, D) records per image
+                mm[s:s + R * D] = r.reshape(-1)
             hits += [(top_i[..., 0] == labels.view(-1, 1)).sum().item(),
                      (p[:, R].argmax(1) == labels).sum().item()]
             bar.update(len(idx) * (R + 1))
@@ -349,6 +351,11 @@ def build(**flags):
                 chunk_hits = json.dumps(dict(region_hits=int(hits[0]), image_hits=int(hits[1])))
                 atomic_write(state / f"c{ci:06d}.json", lambda tmp: tmp.write_text(chunk_hits))
                 hits[:] = 0
+                n_done += min(N, (ci + 1) * chunk) - ci * chunk
+                if rank == 0 and not tty:  # a log file gets a line per chunk instead of the bar
+                    rate = n_done / (time.time() - t_chunks)
+                    print(f"chunk {ci + 1}/{n_chunks}: {rate:.0f} images/s, {rate * R:.0f} regions/s, "
+                          f"ETA {(len(indices) - n_done) / rate:.0f} s", flush=True)
         bar.close()
         del mm
     barrier()
@@ -359,15 +366,12 @@ def build(**flags):
     done = [json.loads((state / f"c{i:06d}.json").read_text()) for i in range(n_chunks)]
     region_hits, image_hits = sum(d["region_hits"] for d in done), sum(d["image_hits"] for d in done)
     restore_alloc_table(partial, state)
-    slots = region_slots(partial)
-    mm = np.memmap(partial, np.uint8, mode="r")
-    table = np.asarray(mm[slots[:, None] + np.arange(R * D)])
-    del mm
     header = dict(schema=SCHEMA_VERSION, dataset=ds.name, fingerprint=fingerprint, images=N,
                   classes=ds.classes, num_classes=C, teacher=teacher_id, temperature=c.temperature, k=k,
                   regions=R, seed=c.seed, res=res, scale=[c.scale_min, 1.0], ratio=[3 / 4, 4 / 3],
+                  boxes="torchvision RandomResizedCrop in stored-image pixels, on a 0..255 grid",
                   region_bytes=D, quantization="uint8 round(255 p); uint16 ids, flip in bit 15 of ids[0]",
-                  regions_crc32=zlib.crc32(table.tobytes()), teacher_device=key["device"],
+                  regions_crc32=regions_crc32(partial, R * D), teacher_device=key["device"],
                   teacher_batch_images=per_batch, teacher_region_top1=region_hits / (N * R),
                   teacher_image_top1=image_hits / N)
     attach_header(partial, header)
@@ -407,8 +411,7 @@ def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-    from ferkd import FERKD_DEFAULTS
-    from kernels_triton import region_category
+    from ferkd import CHUNK_IMAGES, FERKD_DEFAULTS, region_categories
     t = {}
     for name, v in (("t_low", t_low), ("t_mid", t_mid), ("t_top", t_top)):
         v = FERKD_DEFAULTS[name] if v is None else v
@@ -427,11 +430,11 @@ def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, 
     header = read_header(path)
     table = read_regions(path, header)                                      # (N, R, D) uint8
     N, R, k, names = len(table), header["regions"], header["k"], header["classes"]
-    ids, probs, pgt, flip = unpack_regions(torch.from_numpy(table), k)    # (N, R, k), (N, R, k), (N, R), (N, R)
-    cat = region_category(pgt, **t).numpy()                                 # (N, R) 0 dropped, 1 hard, 2 soft
+    cat = region_categories(table, k, **t)                                  # (N, R) 0 dropped, 1 hard, 2 soft
 
     # the chosen images, decoded whole by the trainer's decoder (square, then stretched back to their shape)
     pick = np.linspace(0, N - 1, min(images, N)).round().astype(np.int64)
+    ids, probs, pgt, flip = unpack_regions(torch.from_numpy(table[pick]), k)  # (n, R, k) x 2, (n, R) x 2
     heights, widths = image_sizes(path)
     side = int(min(256, max(heights.max(), widths.max())))
     full = np.concatenate([box_pixels(full_boxes(N), heights, widths), np.zeros((N, 1), np.int32)], axis=1)
@@ -460,9 +463,9 @@ def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, 
             ax.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, lw=2, ec=colour))
             ax.text(left + 0.02 * W, top + 0.02 * H, str(r), color="white", fontsize=9, va="top",
                     bbox=dict(fc=colour, ec="none", pad=1))
-            topk = ", ".join(f"{short(c)} {p:.2f}" for c, p in zip(ids[i, r].tolist()[:3], probs[i, r].tolist()))
-            lines.append((f"{r}{' (flip)' if flip[i, r] else ''}: {topk}\n"
-                          f"   p_gt {pgt[i, r]:.2f} → {CATEGORY[cat[i, r]][0]}", colour))
+            topk = ", ".join(f"{short(c)} {p:.2f}" for c, p in zip(ids[n, r].tolist()[:3], probs[n, r].tolist()))
+            lines.append((f"{r}{' (flip)' if flip[n, r] else ''}: {topk}\n"
+                          f"   p_gt {pgt[n, r]:.2f} → {CATEGORY[cat[i, r]][0]}", colour))
         tx = fig.add_subplot(grid[n // cols, 2 * (n % cols) + 1])
         tx.axis("off")
         tx.text(0, 1, f"region: teacher top-{min(3, k)}", fontsize=9, va="top", weight="bold")
@@ -472,16 +475,21 @@ def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, 
 
     # p_gt over the whole file, stacked by category (a bin that a threshold cuts shows both parts)
     ax = fig.add_subplot(grid[rows, :])
-    p_all, bottom = pgt.flatten().numpy(), 0
+    hist = np.zeros(3 * 256, np.int64)  # (category, stored p_gt byte) counts, a chunk of images at a time
+    for s in range(0, N, CHUNK_IMAGES):
+        key = cat[s:s + CHUNK_IMAGES].astype(np.int64) * 256 + table[s:s + CHUNK_IMAGES, :, 4 + 3 * k]
+        hist += np.bincount(key.ravel(), minlength=3 * 256)
+    hist = hist.reshape(3, 256)
+    edges, bottom = np.linspace(0, 1, 52), 0  # 51 bins: byte v = round(255 p) falls in bin min(v // 5, 50)
     for c, (name, colour) in enumerate(CATEGORY):
-        counts, edges = np.histogram(p_all[cat.ravel() == c], bins=51, range=(0, 1))
+        counts = np.bincount(np.minimum(np.arange(256) // 5, 50), weights=hist[c], minlength=51)
         ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", bottom=bottom, color=colour, label=name)
         bottom = bottom + counts
     for name in ("t_low", "t_mid", "t_top"):
         ax.axvline(t[name], color="black", ls="--", lw=1)
         ax.text(t[name], 1.0, f"{name}={t[name]:g} ", transform=ax.get_xaxis_transform(), fontsize=9,
                 va="top", ha="right", rotation=90)
-    share = np.bincount(cat.ravel(), minlength=3) / cat.size
+    share = hist.sum(1) / hist.sum()
     ax.set_yscale("log")
     ax.set_xlim(0, 1)
     ax.set_xlabel("p_gt: the teacher's probability of the true class, per region (stored as round(255 p))")

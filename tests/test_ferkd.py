@@ -16,10 +16,10 @@ pytestmark = pytest.mark.timeout(600)
 
 def fake_table(N=50, R=6, k=5, seed=0):
     rng = np.random.default_rng(seed)
-    b, f = beton.random_boxes(rng, N * R)
+    b, f = beton.random_boxes(rng, np.full(N * R, 32), np.full(N * R, 32))
     pgt = rng.random((N, R)) ** 2
     pgt[0] = 0.0  # image 0: every region dropped at t_low > 0
-    return beton.pack_regions(beton.quantize_boxes(b).reshape(N, R, 4), f.reshape(N, R),
+    return beton.pack_regions(beton.grid_boxes(b, 32, 32).reshape(N, R, 4), f.reshape(N, R),
                                rng.integers(0, 10, (N, R, k)), rng.random((N, R, k)) / k, pgt)
 
 
@@ -129,3 +129,27 @@ def test_threshold_defaults_follow_the_mode():
     ferkd.check_config(ferkd.TrainConfig(kd="ferkd", labels="x", t_low=0.05))
     with pytest.raises(beton.UserError):
         ferkd.check_config(ferkd.TrainConfig(kd="fkd", labels="x", t_top=0.9))
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_kd_loss_trains_at_the_label_files_temperature(T):
+    """Labels built with --temperature=T are T-softened teacher probabilities; the trainer reads T from the
+    header and trains on T^2 * CE(target, softmax(z / T)) (FKD, Hinton et al.), checked against a float64
+    dense computation written here."""
+    table = fake_table(N=8, R=3)
+    rng = np.random.default_rng(1)
+    ids = np.stack([rng.permutation(10)[:5] for _ in range(8 * 3)]).reshape(8, 3, 5)  # distinct classes
+    table[..., 4:14] = ids.astype(np.uint16).view(np.uint8).reshape(8, 3, 10)
+    header = dict(regions=3, k=5, temperature=T)
+    c = ferkd.TrainConfig(kd="fkd", labels="x", crops=2)
+    index, choice = torch.arange(8), torch.from_numpy(np.tile([0, 2], (8, 1)))
+    logits = torch.randn(16, 10, dtype=torch.float64)
+    rows = torch.arange(16)
+    got = ferkd.kd_loss(c, table, header)(logits.float(), torch.zeros(16, dtype=torch.long), index, choice,
+                                          rows, torch.ones(16))
+    ids, probs, _, _ = beton.unpack_regions(torch.from_numpy(table[index[:, None], choice]).flatten(0, 1), 5)
+    y = torch.zeros(16, 10, dtype=torch.float64)
+    y += ((1 - probs.double().sum(1)) / (10 - 5))[:, None]
+    y[rows[:, None], ids] = probs.double()
+    want = T * T * -(y * torch.log_softmax(logits / T, 1)).sum(1).mean()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
