@@ -10,7 +10,9 @@ demo: setup
 test: setup
 	.venv/bin/python -m pytest -q tests
 
-# Outputs and caches; keeps .venv (rm -rf .venv to rebuild it).
+# Caches the project generates; keeps .venv (rm -rf .venv to rebuild it) and never touches runs/ or data/,
+# where the README puts your runs and label files (the dataset caches there are data/*-train-*.beton and
+# data/*-test-*.beton: delete them by hand if you want them rebuilt).
 clean:
-	rm -rf runs data .pytest_cache
+	rm -rf .pytest_cache
 	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -25,6 +25,7 @@ in ferkd.py, so the teacher sees each region exactly as the trainer replays it.
 """
 import contextlib
 import dataclasses
+import datetime
 import errno
 import functools
 import gzip
@@ -42,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import numba
 import torch
+import torch.distributed as dist
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
@@ -125,6 +127,47 @@ def pick_device(name, local_rank=0):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device("cpu")
+
+
+def setup_distributed(device_name):
+    """(rank, world, device) from torchrun's environment variables, one process per device; a single process
+    without them. The group outlives long one-rank phases (rank 0 writes a dataset cache or a label file's
+    images, an hour at ImageNet size, while the others wait): 6 h, not the 30 min default."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():  # before the loaders: FFCV's distributed order needs it
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
+    return rank, world, device
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def on_rank0(work):
+    """Run work() on rank 0 only, then let every rank go on, or all stop with rank 0's one-line error (the
+    others would otherwise wait for a file that never comes)."""
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            work()
+        except UserError as e:
+            error = str(e)
+    if dist.is_initialized():
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise UserError(error)
 
 # -----------------------------------------------------------------------------
 # Region records: packing, unpacking, boxes
@@ -459,9 +502,13 @@ def dataset_beton(data, split, cache_dir="data"):
     ds = load_dataset(data, split)
     safe = ds.name.replace("imagefolder:", "folder-").replace("/", "_").strip("_")
     path = Path(cache_dir) / f"{safe}-{split}-{ds.fingerprint()}.beton"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: write_beton(tmp, ds))
+
+    def write():  # under torchrun one rank writes it (8 writers of one file would race), the others wait
+        if not path.exists():
+            print(f"caching the {split} split of {ds.name} in {path}", flush=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: write_beton(tmp, ds))
+    on_rank0(write)
     return path, ds
 
 # -----------------------------------------------------------------------------
@@ -569,6 +616,28 @@ def region_loader(path, plan, res, batch_size, num_workers=2, order="sequential"
                                "regions": None})
     torch.set_num_threads(threads)  # FFCV sets torch's global thread count to num_workers
     return loader
+
+
+def epoch_batches(loader, epoch, skip=0):
+    """FFCV's batches of `epoch`, starting after the first `skip` (a resumed epoch), with torch's thread count
+    kept: FFCV's Loader sets it to its num_workers at every epoch start, which would run a CPU step or teacher
+    on 2 threads on any machine. RANDOM order is a function of (seed, epoch) only:
+    np.random.default_rng(seed + epoch) in one process, DistributedSampler(seed) with set_epoch(epoch) under
+    DDP (ffcv/traversal_order/random.py), so setting `next_epoch` replays it. Skipping repeats the steps of
+    ffcv.loader.Loader.__iter__ with a shortened order: skipped images are not decoded."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv.pipeline.compiler import Compiler
+    threads = torch.get_num_threads()
+    loader.next_epoch = epoch
+    if not skip:
+        batches = iter(loader)
+    else:
+        Compiler.set_num_threads(loader.num_workers)  # as __iter__ does (it also sets torch's thread count)
+        order = loader.next_traversal_order()[:len(loader) * loader.batch_size]
+        loader.next_epoch += 1
+        batches = EpochIterator(loader, order[skip * loader.batch_size:])
+    torch.set_num_threads(threads)
+    return batches
 
 
 def to_model_input(images, device, mean=MEAN, std=STD):

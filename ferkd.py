@@ -36,9 +36,10 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from beton import (DATASETS, UserError, atomic_write, box_pixels, center_boxes, dataset_beton, full_boxes,
-                   grid_boxes, image_sizes, load_dataset, parse_config, pick_device, random_boxes,
-                   read_header, read_regions, region_loader, run_cli, to_model_input, unpack_regions)
+from beton import (DATASETS, UserError, atomic_write, box_pixels, center_boxes, dataset_beton, epoch_batches,
+                   full_boxes, grid_boxes, image_sizes, load_dataset, parse_config, print0, random_boxes,
+                   read_header, read_regions, region_loader, run_cli, setup_distributed, to_model_input,
+                   unpack_regions)
 from kernels_triton import ferkd_loss, region_category
 
 # -----------------------------------------------------------------------------
@@ -105,6 +106,14 @@ RESUME_HARMLESS = {"run_dir", "num_workers", "device", "compile", "ckpt_every", 
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
+def check_thresholds(t_low, t_mid, t_top):
+    """FerKD's bands must nest: 0 <= t_low <= t_mid <= t_top <= 1 (dropped < t_low <= hard < t_mid <= soft
+    <= t_top < dropped); t_mid > t_top would silently drop regions meant to be hard, including mixed ones."""
+    if not 0 <= t_low <= t_mid <= t_top <= 1:
+        raise UserError(f"FerKD thresholds need 0 <= t_low <= t_mid <= t_top <= 1; "
+                        f"got t_low={t_low} t_mid={t_mid} t_top={t_top}")
+
+
 def check_config(c):
     if c.kd not in ("none", "fkd", "ferkd"):
         raise UserError(f"--kd must be none, fkd or ferkd, got {c.kd!r}")
@@ -117,9 +126,9 @@ def check_config(c):
             raise UserError(f"--{name} must be >= 1, got {getattr(c, name)}")
     if c.lr <= 0 or c.weight_decay < 0 or not 0 <= c.momentum < 1 or c.warmup_epochs < 0:
         raise UserError("--lr must be > 0, --weight_decay >= 0, --momentum in [0, 1), --warmup_epochs >= 0")
-    if not 0 <= c.t_low <= c.t_mid <= 1 or not c.t_low <= c.t_top <= 1 or not 0 <= c.eps < 1:
-        raise UserError(f"FerKD thresholds need 0 <= t_low <= t_mid <= 1, t_low <= t_top <= 1, 0 <= eps < 1; "
-                        f"got t_low={c.t_low} t_mid={c.t_mid} t_top={c.t_top} eps={c.eps}")
+    check_thresholds(c.t_low, c.t_mid, c.t_top)
+    if not 0 <= c.eps < 1:
+        raise UserError(f"--eps must be in [0, 1), got {c.eps}")
     if c.kd == "fkd" and (c.t_low, c.t_mid, c.t_top) != (0.0, 0.0, 1.0):
         raise UserError("--t_low/--t_mid/--t_top act only with --kd=ferkd")
     if c.mix not in ("none", "cutmix", "mixup") or c.mix_source not in ("self", "batch"):
@@ -140,25 +149,6 @@ def use_compile(c, device):
     """auto: compile on CUDA only. On this CPU a cold compile costs 1-2 min against a ~1.07x steady gain
     (NOTES.md), which small CPU runs never earn back."""
     return device.type == "cuda" if c.compile.lower() == "auto" else BOOL_WORDS[c.compile.lower()]
-
-# -----------------------------------------------------------------------------
-# Distributed: torchrun sets the environment, one process per device; plain `python` is one process
-
-def setup_distributed(device_name):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():  # before the loaders: FFCV's distributed order needs it
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def print0(*args, **kwargs):
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs, flush=True)
 
 # -----------------------------------------------------------------------------
 # Models and checkpoints
@@ -394,23 +384,6 @@ def make_train_step(model, optimizer, scaler, loss_fn, mix_fn, amp_dtype, device
         scaler.update()
         return loss.detach()
     return train_step
-
-
-def epoch_batches(loader, epoch, skip=0):
-    """FFCV's batches of `epoch`, starting after the first `skip` (a resumed epoch). RANDOM order is a
-    function of (seed, epoch) only: np.random.default_rng(seed + epoch) in one process,
-    DistributedSampler(seed) with set_epoch(epoch) under DDP (ffcv/traversal_order/random.py), so setting
-    `next_epoch` replays it. Skipping repeats the steps of ffcv.loader.Loader.__iter__ with a shortened order:
-    skipped images are not decoded."""
-    loader.next_epoch = epoch
-    if not skip:
-        return iter(loader)
-    from ffcv.loader.epoch_iterator import EpochIterator
-    from ffcv.pipeline.compiler import Compiler
-    Compiler.set_num_threads(loader.num_workers)  # as __iter__ does (it also sets torch's thread count)
-    order = loader.next_traversal_order()[:len(loader) * loader.batch_size]
-    loader.next_epoch += 1
-    return EpochIterator(loader, order[skip * loader.batch_size:])
 
 
 @torch.no_grad()
@@ -811,7 +784,7 @@ def evaluate_checkpoint(**flags):
 @dataclass(frozen=True)
 class ExportConfig:
     ckpt: str = ""          # checkpoint written by `ferkd.py train`
-    out: str = ""           # the .pt2 file to write
+    out: str = ""           # the .pt2 file to write; "": the checkpoint's path with .pt2
     overwrite: bool = False  # replace an existing --out
 
 
@@ -820,8 +793,10 @@ def export(**flags):
     takes (N, 3, res, res) float32 images normalized by beton.MEAN/STD (any N) and returns (N, C) logits; its
     extra file ferkd.json names the classes, res, mean and std. Load with torch.export.load(path).module()."""
     c = parse_config(ExportConfig, flags)
-    if not c.ckpt or not c.out:
-        raise UserError("--ckpt=FILE.pt and --out=FILE.pt2 are required")
+    if not c.ckpt:
+        raise UserError("--ckpt=FILE.pt is required")
+    if not c.out:
+        c = dataclasses.replace(c, out=str(Path(c.ckpt).with_suffix(".pt2")))
     if not c.out.endswith(".pt2"):
         raise UserError(f"--out={c.out} should end in .pt2 (torch.export's archive format)")
     if Path(c.out).exists() and not c.overwrite:

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from beton import (MEAN, SCHEMA_VERSION, STD, UserError, alloc_table_ptr, atomic_write, attach_header,
-                   box_pixels, full_boxes, grid_boxes, image_sizes, load_dataset, pack_regions, parse_config,
-                   pick_device, random_boxes, read_header, read_regions, region_bytes, region_loader,
-                   region_slots, regions_crc32, run_cli, set_alloc_table, to_model_input, unpack_regions,
-                   write_beton)
+from beton import (MEAN, SCHEMA_VERSION, STD, UserError, alloc_table_ptr, atomic_write, attach_header, barrier,
+                   box_pixels, epoch_batches, full_boxes, grid_boxes, image_sizes, load_dataset, pack_regions,
+                   parse_config, random_boxes, read_header, read_regions, region_bytes, region_loader,
+                   region_slots, regions_crc32, run_cli, set_alloc_table, setup_distributed, to_model_input,
+                   unpack_regions, write_beton)
 
 # -----------------------------------------------------------------------------
 # Teachers
@@ -194,23 +194,6 @@ def check_build_config(c):
         raise UserError(f"output directory {Path(c.out).parent} does not exist")
 
 
-def setup_distributed():
-    """(rank, world, local_rank) from torchrun's environment; one process without it. gloo even on GPUs: the
-    ranks only exchange barriers (the teacher's results meet in the shared file, not in collectives)."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1, 0
-    import datetime
-    import torch.distributed as dist
-    # phase 1 (rank 0 writes the whole FFCV file) can take an hour at ImageNet scale: wait that long
-    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=6))
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def barrier():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def previous_build(c, key, out, partial, state):
     """What an earlier run of this command left: "fresh" (nothing usable), "resume" (phase 1 done) or
     "finished" (renamed, only the clean-up was cut short). Reads only, so every rank can call it."""
@@ -256,8 +239,7 @@ def build(**flags):
     c = parse_config(BuildConfig, flags)
     check_build_config(c)
     from tqdm import tqdm
-    rank, world, local_rank = setup_distributed()
-    device = pick_device(c.device, local_rank)
+    rank, world, device = setup_distributed(c.device)
     ds = load_dataset(c.data, "train")
     res = c.res or ds.res
     C, N, R, k, D = len(ds.classes), len(ds.labels), c.regions, c.k, region_bytes(c.k)
@@ -333,7 +315,7 @@ def build(**flags):
                    unit_scale=True, disable=rank != 0 or not tty)
         hits = np.zeros(2, np.int64)  # this chunk's (region top-1, whole-image top-1) hits
         t_chunks, n_done = time.time(), 0
-        for images, labels, index in loader:
+        for images, labels, index in epoch_batches(loader, 0):
             x = to_model_input(images, device, teacher_id["mean"], teacher_id["std"])
             p = teacher_probs(model, x, device, c.temperature).view(len(index), R + 1, C).cpu()
             top_p, top_i = p[:, :R].topk(k, dim=2)                        # (B, R, k)
@@ -411,15 +393,14 @@ def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-    from ferkd import CHUNK_IMAGES, FERKD_DEFAULTS, region_categories
+    from ferkd import CHUNK_IMAGES, FERKD_DEFAULTS, check_thresholds, region_categories
     t = {}
     for name, v in (("t_low", t_low), ("t_mid", t_mid), ("t_top", t_top)):
         v = FERKD_DEFAULTS[name] if v is None else v
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise UserError(f"--{name} takes a number, got {v!r}")
         t[name] = float(v)
-    if not 0 <= t["t_low"] <= t["t_mid"] <= 1 or not t["t_low"] <= t["t_top"] <= 1:
-        raise UserError(f"FerKD thresholds need 0 <= t_low <= t_mid <= 1, t_low <= t_top <= 1; got {t}")
+    check_thresholds(**t)
     for name, v in (("images", images), ("regions", regions)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UserError(f"--{name} takes a positive integer, got {v!r}")

@@ -22,10 +22,10 @@ from conftest import ROOT, last_json
 pytestmark = pytest.mark.timeout(600)
 
 
-def torchrun(*args, nproc=2):
+def torchrun(*args, nproc=2, cwd=ROOT):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            *map(str, args)]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=500)
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=500)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     return p
 
@@ -34,8 +34,14 @@ def torchrun(*args, nproc=2):
 def test_torchrun_two_processes_train(built, tmp_path, kd):
     _, path = built
     extra = [f"--labels={path}", "--crops=2"] if kd == "fkd" else []
-    p = torchrun("ferkd.py", "train", "--data=digits", f"--kd={kd}", "--arch=small16", "--epochs=3",
-                 "--batch_size=64", "--device=cpu", "--num_workers=1", f"--run_dir={tmp_path}", *extra)
+    cwd = tmp_path / "cwd"  # a fresh data/ folder: the dataset caches are written in this run
+    cwd.mkdir()
+    p = torchrun(ROOT / "ferkd.py", "train", "--data=digits", f"--kd={kd}", "--arch=small16", "--epochs=3",
+                 "--batch_size=64", "--device=cpu", "--num_workers=1", f"--run_dir={tmp_path}", *extra, cwd=cwd)
+    # one rank writes each cache while the other waits (two writers of one file would race)
+    assert p.stdout.count("caching the test split") == 1, p.stdout
+    assert p.stdout.count("caching the train split") == (kd == "none"), p.stdout
+    assert len(list((cwd / "data").glob("*.beton"))) == 1 + (kd == "none")
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["world_size"] == 2 and config["per_rank_batch"] == 32
     m = last_json(p.stdout)

@@ -205,6 +205,8 @@ def test_truncated_and_missing_label_files(built, tmp_path):
     (["ferkd.py", "train", "--compile=maybe"], "--compile takes true or false"),
     (["ferkd.py", "train", "--kd=fkd"], "needs --labels"),
     (["ferkd.py", "train", "--kd=ferkd", "--labels=x", "--t_low=0.9", "--t_mid=0.5"], "thresholds"),
+    (["ferkd.py", "train", "--kd=ferkd", "--labels=x", "--t_low=0.1", "--t_mid=0.6", "--t_top=0.5"],
+     "t_mid <= t_top"),
     (["labels.py", "build", "--k=0", "--teacher=t", "--out=o"], "must be positive"),
     (["labels.py", "build", "--data=nowhere", "--teacher=torchvision:resnet18", "--out=/tmp/x.beton"],
      "unknown dataset"),
@@ -251,3 +253,24 @@ def test_quantized_topk_mass_never_exceeds_one():
                torch.ones(B, 1), t_low=0.0, t_mid=0.0, t_top=1.0, eps=0.1).backward()
     target = torch.softmax(z.detach(), 1) - B * z.grad
     assert target.min() >= -1e-6, target.min()
+
+
+def test_epochs_keep_torch_thread_count(built):
+    """FFCV's Loader sets torch's thread count to its num_workers at every epoch start (a fresh epoch and a
+    resumed one); epoch_batches puts it back, so a CPU step or teacher uses the machine's threads."""
+    import beton
+    _, path = built
+    h, w = beton.image_sizes(path)
+    plan = np.concatenate([beton.box_pixels(beton.full_boxes(len(h)), h, w), np.zeros((len(h), 1), np.int32)], 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        loader = beton.region_loader(path, np.ascontiguousarray(plan[:, None]), 16, 100, num_workers=1)
+        for epoch, skip in ((0, 0), (1, 2)):
+            batches = 0
+            for _ in beton.epoch_batches(loader, epoch, skip):
+                assert torch.get_num_threads() == 3
+                batches += 1
+            assert batches == len(loader) - skip
+    finally:
+        torch.set_num_threads(before)

@@ -21,6 +21,8 @@ def test_show_refuses_bad_thresholds(built, tmp_path):
     _, path = built
     p = cli("labels.py", "show", path, f"--out={tmp_path / 'x.png'}", "--t_low=0.9", "--t_mid=0.5", check=False)
     assert "thresholds" in one_error_line(p)
+    p = cli("labels.py", "show", path, f"--out={tmp_path / 'x.png'}", "--t_mid=0.6", "--t_top=0.5", check=False)
+    assert "t_mid <= t_top" in one_error_line(p)
     assert not (tmp_path / "x.png").exists()
 
 

@@ -153,6 +153,10 @@ def test_export_loads_and_predicts_like_the_checkpoint(built, tmp_path):
         assert torch.equal(got.argmax(1), want.argmax(1))
     again = cli("ferkd.py", "export", f"--ckpt={teacher}", f"--out={out}", check=False)
     assert "exists" in one_error_line(again)
+    ckpt = tmp_path / "teacher.pt"  # without --out: the checkpoint's name with .pt2, beside it
+    ckpt.write_bytes(teacher.read_bytes())
+    cli("ferkd.py", "export", f"--ckpt={ckpt}")
+    assert torch.equal(torch.export.load(str(tmp_path / "teacher.pt2")).module()(x), got)
 
 
 def test_compiled_run_trains_and_saves_plain_keys(tmp_path):
