@@ -3,12 +3,15 @@ Benchmarks, each a ratio measured side by side in one run on the same machine (R
 
     python bench.py all          # or: labels | loader | step | loss
     python bench.py loader --images=4000 --workers=2
+    python bench.py scale        # ImageNet-shaped: 1.28M images, R=300 (not part of `all`: ~8 GB, minutes)
 
 1. labels: bytes per region of our label file vs FKD's format (one torch-saved file per image, fp32 / fp16).
 2. loader: region replay, images/s: our FFCV loader vs the torchvision way (ImageFolder-style PNG files and one
    torch-saved label file per image read per sample, crop + flip + resize, DataLoader workers).
 3. step: train-step images/s, torch.compile + bf16 autocast + channels-last vs eager fp32, same model and batch.
 4. loss: `ferkd_loss` vs FKD's dense recover-then-cross-entropy (kernels_triton.py's own benchmark).
+5. scale: an ImageNet-shaped label file written as `labels.py build` writes it (a seeded generator in the
+   teacher's place), then the trainer's start-up, steps and loader on it: seconds and peak resident memory.
 No timing here is asserted by a test: the machines are shared and noisy; read the ratios.
 """
 import atexit
@@ -203,6 +206,143 @@ def bench_loss():
     kernels_triton.benchmark()
 
 
+
+# -----------------------------------------------------------------------------
+# 5. scale: an ImageNet-shaped label file (1.28M non-square JPEGs, 1,000 classes, R=300) on one machine
+
+class SyntheticImages:
+    """n ImageNet-shaped stand-ins made on demand (nothing on disk): image i is landscape (H x 4H/3) or
+    portrait (4H/3 x H) by its index, a smooth colour gradient plus noise, so it compresses like a photo."""
+
+    def __init__(self, n, side=32):
+        self.n, self.side = n, side
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        h, w = (self.side, self.side * 4 // 3) if i % 2 else (self.side * 4 // 3, self.side)
+        rng = np.random.default_rng(i)
+        y, x = np.mgrid[0:h, 0:w]
+        base = rng.integers(0, 256, 3) + (y * rng.integers(-3, 4) + x * rng.integers(-3, 4))[..., None]
+        return np.clip(base + rng.integers(-8, 9, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def memory():
+    """This process's peak resident memory, and what is resident now: anonymous (its own arrays) and
+    file-backed (pages of memory-mapped files, e.g. FFCV's reads of the .beton: page cache, shared, and the
+    kernel maps up to 64 KiB of cached neighbours on each fault)."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+    now = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in open("/proc/self/status")
+           if line.startswith(("RssAnon", "RssFile"))}
+    return f"peak RSS {peak:,.0f} MB (now anonymous {now['RssAnon']:,.0f} MB, file-backed {now['RssFile']:,.0f} MB)"
+
+
+def scale_write(path, images, regions, k=5, classes=1000, seed=0):
+    """`labels.py build`'s file, minus the teacher: phase 1 (the images through the same FFCV writer, zero
+    records), phase 2's boxes and decoder plan (the same calls, same arrays), records whose top-k and p_gt come
+    from a seeded generator instead of a teacher, and phase 3 (streamed CRC, header). Prints seconds and peak
+    RSS after each phase."""
+    import beton
+    N, R, D = images, regions, beton.region_bytes(k)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, N)
+    ds = beton.Dataset("synthetic", "train", [str(c) for c in range(classes)], labels, SyntheticImages(N), 32)
+    t0 = time.time()
+    beton.write_beton(path, ds, np.broadcast_to(np.zeros((1, R, D), np.uint8), (N, R, D)), num_workers=1)
+    t1 = time.time()
+    print(f"ingest: {N / (t1 - t0):,.0f} images/s, {t1 - t0:.0f} s, {memory()}", flush=True)
+    heights, widths = beton.image_sizes(path)
+    qboxes, flips, plan = np.zeros((N, R, 4), np.uint8), np.zeros((N, R), bool), np.zeros((N, R + 1, 5), np.int32)
+    slots, fd = beton.region_slots(path), os.open(path, os.O_RDWR)
+    for i in range(N):  # as build phase 2, with a seeded generator in the teacher's place
+        px, flips[i] = beton.random_boxes(np.random.default_rng([seed, i]), np.full(R, heights[i]),
+                                          np.full(R, widths[i]))
+        qboxes[i] = beton.grid_boxes(px, heights[i], widths[i])
+        plan[i, :R, :4] = beton.box_pixels(qboxes[i], heights[i], widths[i])
+        plan[i, :R, 4] = flips[i]
+        plan[i, R, :4] = (0, 0, heights[i], widths[i])
+        g = np.random.default_rng([seed, i, 1])
+        ids = (g.integers(0, classes, (R, 1)) + np.arange(k)) % classes  # distinct top-k classes
+        probs = g.dirichlet(np.ones(k + 1), R)[:, :k]
+        os.pwrite(fd, beton.pack_regions(qboxes[i], flips[i], ids, probs, g.random(R)).tobytes(), slots[i])
+    os.fsync(fd)
+    os.close(fd)
+    t2 = time.time()
+    print(f"boxes, plan and records: {N / (t2 - t1):,.0f} images/s, {t2 - t1:.0f} s, {memory()}",
+          flush=True)
+    header = dict(schema=beton.SCHEMA_VERSION, dataset="synthetic", fingerprint="synthetic", images=N,
+                  classes=ds.classes, num_classes=classes, teacher=dict(kind="synthetic", name="seeded generator",
+                  checksum="", mean=beton.MEAN, std=beton.STD), temperature=1.0, k=k, regions=R, seed=seed, res=32,
+                  region_bytes=D, regions_crc32=beton.regions_crc32(path, R * D))
+    beton.attach_header(path, header)
+    t3 = time.time()
+    print(f"checksum and header: {t3 - t2:.0f} s, {memory()}; label file "
+          f"{os.path.getsize(path) / 2**30:.2f} GiB, records {N * R * D / 2**30:.2f} GiB", flush=True)
+
+
+def scale_train(path, steps=300, batch=256, crops=1, workers=2):
+    """`ferkd.py train`'s start-up on a label file (header, region table, FerKD categories, the first epoch's
+    plan, the loader), then `steps` FKD steps of small16 at 32 px, then loader rows/s alone."""
+    import beton
+    import ferkd
+    t0 = time.time()
+    header = beton.read_header(path)
+    table = beton.read_regions(path, header)
+    heights, widths = beton.image_sizes(path)
+    c = ferkd.TrainConfig(kd="ferkd", labels=str(path), crops=crops, batch_size=batch)
+    plan, fill, images, category = ferkd.region_plans(c, header, table, heights, widths)
+    choice = fill(0)
+    loader = beton.region_loader(path, plan, header["res"], batch, workers, order="random", indices=images,
+                                 drop_last=True)
+    t1 = time.time()
+    print(f"train start-up: {t1 - t0:.0f} s, {memory()} "
+          f"(records {table.nbytes / 2**20:,.0f} MB)", flush=True)
+    if not steps:
+        return
+    device = torch.device("cpu")
+    model = ferkd.build_model("small16", header["num_classes"]).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = ferkd.make_train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False),
+                                 ferkd.kd_loss(c, table, header), ferkd.mix_batch(c, None), torch.bfloat16,
+                                 device, crops)
+    n, t2, batches = 0, time.time(), beton.epoch_batches(loader, 0)
+    for images_u8, labels, index in batches:
+        step(images_u8, labels, index, choice)
+        n += 1
+        if n == 20:
+            t2 = time.time()  # the first steps warm up (FFCV's JIT, allocator)
+        if n == steps:
+            break
+    batches.close()  # stop FFCV's pipeline thread mid-epoch, and wait for it: exiting under it aborts
+    batches.join()
+    t3 = time.time()
+    print(f"train steps: {(n - 20) * batch * crops / (t3 - t2):,.0f} rows/s over {n - 20} steps after 20, "
+          f"{memory()}", flush=True)
+    n, t4, batches = 0, time.time(), beton.epoch_batches(loader, 1)
+    for images_u8, labels, index in batches:
+        n += 1
+        if n == steps:
+            break
+    batches.close()
+    batches.join()
+    print(f"loader alone: {n * batch * crops / (time.time() - t4):,.0f} rows/s", flush=True)
+
+
+def scale(images=1_281_167, regions=300, steps=300, out=""):
+    """The ImageNet-shaped run: writes the label file (to --out, else a temporary folder), then measures the
+    trainer on it, each part in its own process so each peak RSS is its own."""
+    import subprocess
+    import sys
+    path = Path(out) if out else scratch_dir() / "scale.beton"
+    print(f"\n5. scale: {images:,} synthetic non-square JPEG images (32 x 42 and 42 x 32), 1,000 classes, "
+          f"R={regions}, top-5; records from a seeded generator (no teacher)", flush=True)
+    here = Path(__file__).resolve()
+    for call in (f"scale_write({str(path)!r}, {images}, {regions})", f"scale_train({str(path)!r}, {steps})"):
+        subprocess.run([sys.executable, "-c", f"import bench; bench.{call}"], cwd=here.parent, check=True)
+
+
 def all(images=4000):
     bench_labels()
     bench_loader(images=images)
@@ -212,4 +352,5 @@ def all(images=4000):
 
 if __name__ == "__main__":
     import fire
-    fire.Fire({"all": all, "labels": bench_labels, "loader": bench_loader, "step": bench_step, "loss": bench_loss})
+    fire.Fire({"all": all, "labels": bench_labels, "loader": bench_loader, "step": bench_step, "loss": bench_loss,
+               "scale": scale})

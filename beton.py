@@ -183,9 +183,12 @@ def quantize_probs(p):
     rounded up the most (largest-remainder rounding)."""
     x = np.asarray(p, np.float64) * 255
     q = np.clip(np.rint(x), 0, 255)
-    excess = np.maximum(q.sum(-1, keepdims=True) - 255, 0)
-    most_up_first = np.argsort(np.argsort(x - q, axis=-1, kind="stable"), axis=-1, kind="stable")
-    return np.maximum(q - (most_up_first < excess), 0).astype(np.uint8)
+    flat_x, flat_q = x.reshape(-1, x.shape[-1]), q.reshape(-1, x.shape[-1])  # views of x and q
+    excess = flat_q.sum(1) - 255
+    over = np.flatnonzero(excess > 0)  # rare: ranking only these rows keeps packing cheap
+    most_up_first = np.argsort(np.argsort(flat_x[over] - flat_q[over], axis=1, kind="stable"), axis=1)
+    flat_q[over] = np.maximum(flat_q[over] - (most_up_first < excess[over, None]), 0)
+    return q.astype(np.uint8)
 
 
 def pack_regions(qbox, flip, ids, probs, pgt):
@@ -399,18 +402,27 @@ class _FFCVSource:
         return item if self.regions is None else item + (self.regions[i],)
 
 
-def _open_images(ds):
-    """Decode every image file once before handing them to FFCV: an exception inside FFCV's writer hangs
-    it instead of raising (NOTES.md), so a corrupt file must be found here, by name."""
-    if isinstance(ds.images, np.ndarray):
-        return
+def _decode_error(path):
+    """None if the image file decodes, else the error line. Runs in `_open_images`' worker processes."""
     from PIL import Image
-    for p in ds.images:
-        try:
-            with Image.open(p) as im:
-                im.convert("RGB").load()
-        except Exception as e:  # PIL raises many types for bad files
-            raise UserError(f"cannot decode image {p}: {e}") from None
+    try:
+        with Image.open(path) as im:
+            im.convert("RGB").load()
+    except Exception as e:  # PIL raises many types for bad files
+        return f"cannot decode image {path}: {e}"
+    return None
+
+
+def _open_images(ds):
+    """Decode every image file once before handing them to FFCV, on every core: an exception inside FFCV's
+    writer hangs it instead of raising (NOTES.md), so a corrupt file must be found here, by name. Forked
+    workers run PIL only (no torch, no FFCV), so forking this process is safe and starts in milliseconds."""
+    if not isinstance(ds.images, list):  # arrays, or a source of arrays (bench.py's synthetic images)
+        return
+    with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
+        for error in pool.imap(_decode_error, ds.images, chunksize=64):
+            if error is not None:
+                raise UserError(error)
 
 
 def write_beton(path, ds, regions=None, num_workers=2, quiet=None):
@@ -734,11 +746,16 @@ def region_slots(path):
 
 
 def region_blocks(path, nbytes, slots=None):
-    """Each image's nbytes of region records as a read-only view, in image order: one slice of the
-    memory-mapped file at a time, so a pass over the table holds no per-region index or copy."""
-    mm = np.memmap(path, np.uint8, mode="r")
-    for s in region_slots(path) if slots is None else slots:
-        yield mm[s:s + nbytes]
+    """Each image's nbytes of region records, in image order, read into one reused buffer (copy what you keep).
+    Plain reads, not a memory map: a pass over the table maps no file pages into this process (they would count
+    in its resident memory) and holds no per-region index or copy. A short read leaves zeros: the CRC fails."""
+    buf = np.zeros(nbytes, np.uint8)
+    with open(path, "rb", buffering=0) as f:
+        for s in region_slots(path) if slots is None else slots:
+            buf[:] = 0
+            f.seek(s)
+            f.readinto(buf)
+            yield buf
 
 
 def regions_crc32(path, nbytes):

@@ -272,7 +272,10 @@ def build(**flags):
         shutil.rmtree(state, ignore_errors=True)
         partial.unlink(missing_ok=True)
         zeros = np.broadcast_to(np.zeros((1, R, D), np.uint8), (N, R, D))  # one record block, no N copies
+        t_write = time.time()
         write_beton(partial, ds, zeros, num_workers=1, quiet=not sys.stderr.isatty())
+        print(f"wrote the {N} images in {time.time() - t_write:.0f} s "
+              f"({N / (time.time() - t_write):.0f} images/s)", flush=True)
         state.mkdir()
         ptr = alloc_table_ptr(partial)
         with open(partial, "rb") as f:
@@ -308,7 +311,7 @@ def build(**flags):
             plan[i, :R, 4] = flips[i]
             plan[i, R, :4] = (0, 0, heights[i], widths[i])                   # and the whole image
         slots = region_slots(partial)
-        mm = np.memmap(partial, np.uint8, mode="r+")
+        fd = os.open(partial, os.O_RDWR)  # records go in with pwrite: no file pages mapped into this process
         loader = region_loader(partial, plan, res, per_batch, c.num_workers, indices=indices)
         tty = sys.stderr.isatty()
         bar = tqdm(total=len(indices) * (R + 1), desc=f"teacher ({device.type})", unit="crop",
@@ -323,13 +326,13 @@ def build(**flags):
             idx = index.numpy().astype(np.int64)
             rec = pack_regions(qboxes[idx], flips[idx], top_i.numpy(), top_p.numpy(), gt.numpy())
             for s, r in zip(slots[idx], rec):                                # (R, D) records per image
-                mm[s:s + R * D] = r.reshape(-1)
+                os.pwrite(fd, r.tobytes(), s)
             hits += [(top_i[..., 0] == labels.view(-1, 1)).sum().item(),
                      (p[:, R].argmax(1) == labels).sum().item()]
             bar.update(len(idx) * (R + 1))
             ci = int(idx[0]) // chunk
             if idx[-1] == min(N, (ci + 1) * chunk) - 1:  # its last batch: make the chunk durable, then say so
-                mm.flush()
+                os.fsync(fd)
                 chunk_hits = json.dumps(dict(region_hits=int(hits[0]), image_hits=int(hits[1])))
                 atomic_write(state / f"c{ci:06d}.json", lambda tmp: tmp.write_text(chunk_hits))
                 hits[:] = 0
@@ -339,7 +342,7 @@ def build(**flags):
                     print(f"chunk {ci + 1}/{n_chunks}: {rate:.0f} images/s, {rate * R:.0f} regions/s, "
                           f"ETA {(len(indices) - n_done) / rate:.0f} s", flush=True)
         bar.close()
-        del mm
+        os.close(fd)
     barrier()
     if rank != 0:
         return None
