@@ -49,6 +49,7 @@ from numba.extending import intrinsic
 
 _torch_threads = torch.get_num_threads()
 from ffcv.fields.rgb_image import SimpleRGBImageDecoder  # noqa: E402
+from ffcv.loader.epoch_iterator import EpochIterator  # noqa: E402
 torch.set_num_threads(_torch_threads)  # importing FFCV sets torch to 1 thread (ffcv/pipeline/compiler.py);
 # its Loader later sets torch's threads to its num_workers, for every epoch
 
@@ -540,12 +541,15 @@ class RegionCrop(SimpleRGBImageDecoder):  # FFCV takes a pipeline's first op as 
     mirrors it when plan[i, j, 4] is set. Output per sample: (n, res, res, 3) uint8.
 
     `plan` is an (N, n, 5) int32 array that the caller rewrites in place before each epoch (new regions);
-    the compiled code reads it through its address, since numba would freeze a captured array."""
+    the compiled code reads it through its address, since numba would freeze a captured array. A stored JPEG
+    that does not decode (TurboJPEG's status, which FFCV's own decoder ignores) sets `failed[0]` to its index
+    + 1, read by `epoch_batches` before it hands out a batch."""
 
     def __init__(self, plan, res):
         super().__init__()
         assert plan.dtype == np.int32 and plan.flags.c_contiguous and plan.ndim == 3 and plan.shape[2] == 5
         self.plan, self.res = plan, res
+        self.failed = np.zeros(1, np.int64)
 
     def declare_state_and_memory(self, previous_state):
         from ffcv.pipeline.allocation_query import AllocationQuery
@@ -563,11 +567,12 @@ class RegionCrop(SimpleRGBImageDecoder):  # FFCV takes a pipeline's first op as 
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
         imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
         jpg = IMAGE_MODES["jpg"]
-        addr, shape = self.plan.ctypes.data, self.plan.shape
+        addr, shape, failed_addr = self.plan.ctypes.data, self.plan.shape, self.failed.ctypes.data
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             dst, tmp = my_storage
             plan = numba.carray(_voidptr(addr), shape, np.int32)
+            failed = numba.carray(_voidptr(failed_addr), (1,), np.int64)
             for b in my_range(len(batch_indices)):
                 i = batch_indices[b]
                 field = metadata[i]
@@ -575,7 +580,8 @@ class RegionCrop(SimpleRGBImageDecoder):  # FFCV takes a pipeline's first op as 
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
                 if field["mode"] == jpg:
                     img = tmp[b]
-                    imdecode_c(data, img, height, width, height, width, 0, 0, 1, 1, False, False)
+                    if imdecode_c(data, img, height, width, height, width, 0, 0, 1, 1, False, False) != 0:
+                        failed[0] = i + 1
                     img = img.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     img = data.reshape(height, width, 3)
@@ -619,37 +625,60 @@ def region_loader(path, plan, res, batch_size, num_workers=2, order="sequential"
     from ffcv.transforms import Squeeze, ToDevice, ToTensor
     threads = torch.get_num_threads()
     to_device = [] if device is None else [ToDevice(torch.device(device), non_blocking=True)]
+    crop = RegionCrop(plan, res)
     loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                     order={"sequential": OrderOption.SEQUENTIAL, "random": OrderOption.RANDOM}[order],
                     seed=seed, indices=indices, drop_last=drop_last, distributed=distributed, os_cache=True,
-                    pipelines={"image": [RegionCrop(plan, res), ToTensor(), *to_device],
+                    pipelines={"image": [crop, ToTensor(), *to_device],
                                "label": [IntDecoder(), ToTensor(), Squeeze(1), *to_device],
                                "index": [IntDecoder(), ToTensor(), Squeeze(1)],
                                "regions": None})
     torch.set_num_threads(threads)  # FFCV sets torch's global thread count to num_workers
+    loader.failed_image = crop.failed  # for epoch_batches
     return loader
 
 
+class _Epoch(EpochIterator):
+    """FFCV's epoch: a thread that runs the pipeline a few batches ahead of the consumer. FFCV catches only
+    StopIteration in that thread, so any other exception (a numba error, CUDA out of memory in ToDevice) left
+    the consumer waiting forever (NOTES.md); here the thread keeps it and wakes the consumer."""
+    error = None
+
+    def run(self):
+        try:
+            super().run()
+        except BaseException as e:  # noqa: B036 - whatever ends the thread must reach the consumer
+            self.error = e
+            self.output_queue.put(None)  # the consumer's next() ends the epoch; epoch_batches raises the error
+
+
 def epoch_batches(loader, epoch, skip=0):
-    """FFCV's batches of `epoch`, starting after the first `skip` (a resumed epoch), with torch's thread count
-    kept: FFCV's Loader sets it to its num_workers at every epoch start, which would run a CPU step or teacher
-    on 2 threads on any machine. RANDOM order is a function of (seed, epoch) only:
-    np.random.default_rng(seed + epoch) in one process, DistributedSampler(seed) with set_epoch(epoch) under
-    DDP (ffcv/traversal_order/random.py), so setting `next_epoch` replays it. Skipping repeats the steps of
-    ffcv.loader.Loader.__iter__ with a shortened order: skipped images are not decoded."""
-    from ffcv.loader.epoch_iterator import EpochIterator
+    """FFCV's batches of `epoch`, starting after the first `skip` (a resumed epoch), as Loader.__iter__ makes
+    them, plus three things it lacks: torch's thread count is kept (FFCV sets it to num_workers at every epoch
+    start, which would run a CPU step or teacher on 2 threads on any machine); a failure in the pipeline thread
+    is raised here instead of hanging; a stored image that does not decode stops the epoch before its batch is
+    handed out, naming the image. RANDOM order is a function of (seed, epoch) only: default_rng(seed + epoch) in
+    one process, DistributedSampler(seed) with set_epoch(epoch) under DDP (ffcv/traversal_order/random.py), so
+    setting `next_epoch` replays it; skipped images are not decoded."""
     from ffcv.pipeline.compiler import Compiler
     threads = torch.get_num_threads()
+    Compiler.set_num_threads(loader.num_workers)  # as __iter__ does (it also sets torch's thread count)
     loader.next_epoch = epoch
-    if not skip:
-        batches = iter(loader)
-    else:
-        Compiler.set_num_threads(loader.num_workers)  # as __iter__ does (it also sets torch's thread count)
-        order = loader.next_traversal_order()[:len(loader) * loader.batch_size]
-        loader.next_epoch += 1
-        batches = EpochIterator(loader, order[skip * loader.batch_size:])
+    order = loader.next_traversal_order()[:len(loader) * loader.batch_size]
+    loader.next_epoch += 1
+    batches = _Epoch(loader, order[skip * loader.batch_size:])  # the Loader compiled its pipeline when made
     torch.set_num_threads(threads)
-    return batches
+    try:
+        for batch in batches:
+            if loader.failed_image[0]:
+                raise UserError(f"image {loader.failed_image[0] - 1} of {loader.reader.file_name} does not "
+                                f"decode: the file is corrupt; rebuild it")
+            yield batch
+        if batches.error is not None:
+            raise UserError(f"the data loader failed ({type(batches.error).__name__}: {batches.error})")
+    finally:  # also when the consumer stops early: stop the thread and wait for it (exiting under it aborts)
+        batches.close()
+        batches.join()
 
 
 def to_model_input(images, device, mean=MEAN, std=STD):

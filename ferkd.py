@@ -322,6 +322,33 @@ def as_soft_label(ids, probs, pgt, truth, C, c):
             torch.where(cat == 1, kept_soft, pgt))
 
 
+def sample_beta(alpha, n, generator, device, rounds=16):
+    """n draws of Beta(alpha, alpha) from the run's `generator`, made on `device` (no host copy, no sync): X / (X + Y)
+    with X, Y ~ Gamma(alpha) by Marsaglia and Tsang's method (ACM TOMS 26(3), 2000), vectorized over a fixed number
+    of rounds. Each round accepts > 95% of the draws still pending when the shape is >= 1, so one still pending
+    after 16 rounds (probability < 1e-20) takes the mode d. Shapes below 1 use Gamma(a) = Gamma(a + 1) U^(1/a).
+    (torch.distributions.Beta takes no generator: it drew from the global stream and was copied to the device.)"""
+    a = alpha + 1 if alpha < 1 else alpha
+    d = a - 1 / 3
+    c = 1 / math.sqrt(9 * d)
+
+    def gamma():
+        out = torch.full((n,), d, device=device)
+        pending = torch.ones(n, dtype=torch.bool, device=device)
+        for _ in range(rounds):
+            x = torch.randn(n, generator=generator, device=device)
+            u = torch.rand(n, generator=generator, device=device)
+            v = (1 + c * x) ** 3
+            ok = pending & (v > 0) & (torch.log(u) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-30)))
+            out = torch.where(ok, d * v, out)
+            pending &= ~ok
+        if alpha < 1:
+            out = out * torch.rand(n, generator=generator, device=device) ** (1 / alpha)
+        return out
+    x, y = gamma(), gamma()
+    return x / (x + y).clamp_min(1e-30)
+
+
 def mix_batch(c, generator):
     """SelfMix (FerKD): each row's region gets a patch of (cutmix) or is blended with (mixup) another region
     of the same image; `--mix_source=batch` takes it from another image instead (ordinary CutMix/Mixup).
@@ -339,7 +366,7 @@ def mix_batch(c, generator):
         else:  # row (b, j) takes the same crop of the next image in the batch
             partner = (rows + n) % R
         u = torch.rand(R, device=x.device, generator=generator)
-        lam = torch.distributions.Beta(c.mix_alpha, c.mix_alpha).sample((R,)).to(x.device)
+        lam = sample_beta(c.mix_alpha, R, generator, x.device)
         on = torch.rand(R, device=x.device, generator=generator) < c.mix_prob
         if c.mix == "mixup":
             share = torch.where(on, lam, torch.ones_like(lam))
@@ -392,7 +419,7 @@ def evaluate(model, loader, device, amp_dtype, num_classes):
     all-reduced). Returns (metrics dict, per-class (C, 3) float64 tensor: top-1 hits, top-5 hits, images)."""
     model.eval()
     sums = torch.zeros(num_classes, 3, device=device, dtype=torch.float64)
-    for images, labels, _ in loader:
+    for images, labels, _ in epoch_batches(loader, 0):  # sequential: the same images every time
         x = to_model_input(images, device)
         labels = labels.to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from beton import (MEAN, SCHEMA_VERSION, STD, UserError, alloc_table_ptr, atomic_write, attach_header, barrier,
-                   box_pixels, epoch_batches, full_boxes, grid_boxes, image_sizes, load_dataset, pack_regions,
-                   parse_config, random_boxes, read_header, read_regions, region_bytes, region_loader,
-                   region_slots, regions_crc32, run_cli, set_alloc_table, setup_distributed, to_model_input,
-                   unpack_regions, write_beton)
+                   box_pixels, epoch_batches, full_boxes, grid_boxes, image_sizes, load_dataset, on_rank0,
+                   pack_regions, parse_config, random_boxes, read_header, read_regions, region_bytes,
+                   region_loader, region_slots, regions_crc32, run_cli, set_alloc_table, setup_distributed,
+                   to_model_input, unpack_regions, write_beton)
 
 # -----------------------------------------------------------------------------
 # Teachers
@@ -265,10 +265,13 @@ def build(**flags):
     barrier()  # every rank has read the old state before rank 0 changes it
 
     # 1. the images, with all-zero region records (rank 0): one writer process, since FFCV's workers take
-    # chunks from a queue, so with several the layout would vary
-    if rank == 0 and mode == "finished":
-        shutil.rmtree(state)
-    if rank == 0 and mode == "fresh":
+    # chunks from a queue, so with several the layout would vary. The other ranks wait, or stop with rank 0's
+    # error (a corrupt image, a full disk) instead of waiting for a file that never comes
+    def write_images():
+        if mode == "finished":
+            shutil.rmtree(state)
+        if mode != "fresh":
+            return
         shutil.rmtree(state, ignore_errors=True)
         partial.unlink(missing_ok=True)
         zeros = np.broadcast_to(np.zeros((1, R, D), np.uint8), (N, R, D))  # one record block, no N copies
@@ -284,7 +287,7 @@ def build(**flags):
         atomic_write(state / "alloc.bin", lambda tmp: tmp.write_bytes(table_bytes))
         started = json.dumps(dict(key=key, alloc_table_ptr=ptr))
         atomic_write(state / "build.json", lambda tmp: tmp.write_text(started))
-    barrier()
+    on_rank0(write_images)
     if mode == "finished":
         print(f"{out} was already built; removed the leftover {state}")
         return None
@@ -424,7 +427,7 @@ def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, 
     full = np.concatenate([box_pixels(full_boxes(N), heights, widths), np.zeros((N, 1), np.int32)], axis=1)
     plan = np.ascontiguousarray(full[:, None], dtype=np.int32)
     decoded = {}
-    for imgs, labels, index in region_loader(path, plan, side, len(pick), 1, indices=pick):
+    for imgs, labels, index in epoch_batches(region_loader(path, plan, side, len(pick), 1, indices=pick), 0):
         decoded.update((int(i), (img[0].numpy().copy(), int(y))) for img, y, i in zip(imgs, labels, index))
 
     n_show = min(regions, R)

@@ -274,3 +274,21 @@ def test_epochs_keep_torch_thread_count(built):
             assert batches == len(loader) - skip
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.timeout(120)  # FFCV's own epoch iterator waits forever here
+def test_a_failing_loader_thread_is_an_error_not_a_hang(built, monkeypatch):
+    """An exception in FFCV's pipeline thread (here simulated; on a GPU, e.g. CUDA out of memory in ToDevice)
+    reaches the consumer as one error instead of leaving it waiting for a batch that never comes."""
+    import beton
+    _, path = built
+    h, w = beton.image_sizes(path)
+    plan = np.concatenate([beton.box_pixels(beton.full_boxes(len(h)), h, w), np.zeros((len(h), 1), np.int32)], 1)
+    loader = beton.region_loader(path, np.ascontiguousarray(plan[:, None]), 16, 100, num_workers=1)
+
+    def broken(self, b_ix, *args):
+        raise RuntimeError("simulated failure in the pipeline")
+    monkeypatch.setattr(beton._Epoch, "run_pipeline", broken)
+    with pytest.raises(beton.UserError, match="simulated failure"):
+        for _ in beton.epoch_batches(loader, 0):
+            pass

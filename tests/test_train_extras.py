@@ -246,3 +246,22 @@ def test_full_disk_while_checkpointing(built, tmp_path):
     p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert last_json(p.stdout)["epoch"] == 1 and (run / "final.pt").is_file()
+
+
+def test_corrupt_jpeg_inside_a_beton_stops_training_naming_the_image(tmp_path):
+    """TurboJPEG's status for each stored JPEG is checked: an image whose bytes were damaged after the file was
+    written stops training before its batch, with one error line naming it, and no checkpoint is written."""
+    from ffcv.reader import Reader
+    data = image_folder(tmp_path / "images")
+    train = [ROOT / "ferkd.py", "train", f"--data=imagefolder:{data}", "--kd=none", "--arch=small16",
+             "--res=16", "--batch_size=2", "--epochs=1"]
+    cli(*train, f"--run_dir={tmp_path / 'r1'}", cwd=tmp_path)  # writes the dataset cache in tmp_path/data
+    (cache,) = (tmp_path / "data").glob("*-train-*.beton")
+    ptr = int(Reader(str(cache)).metadata["f0"]["data_ptr"][4])  # image 4's JPEG ("dog/1.png")
+    with open(cache, "r+b") as f:
+        f.seek(ptr)
+        f.write(bytes(64))  # its start-of-image marker and header gone
+    p = cli(*train, f"--run_dir={tmp_path / 'r2'}", cwd=tmp_path, check=False)
+    line = one_error_line(p)
+    assert "image 4 of " in line and cache.name in line and "does not decode" in line, line
+    assert not list((tmp_path / "r2").glob("*.pt"))
