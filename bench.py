@@ -257,12 +257,9 @@ def scale_write(path, images, regions, k=5, classes=1000, seed=0):
     qboxes, flips, plan = np.zeros((N, R, 4), np.uint8), np.zeros((N, R), bool), np.zeros((N, R + 1, 5), np.int32)
     slots, fd = beton.region_slots(path), os.open(path, os.O_RDWR)
     for i in range(N):  # as build phase 2, with a seeded generator in the teacher's place
-        px, flips[i] = beton.random_boxes(np.random.default_rng([seed, i]), np.full(R, heights[i]),
-                                          np.full(R, widths[i]))
-        qboxes[i] = beton.grid_boxes(px, heights[i], widths[i])
-        plan[i, :R, :4] = beton.box_pixels(qboxes[i], heights[i], widths[i])
-        plan[i, :R, 4] = flips[i]
-        plan[i, R, :4] = (0, 0, heights[i], widths[i])
+        qboxes[i], flips[i] = beton.seeded_regions(seed, i, R, heights[i], widths[i])
+        plan[i, :R] = beton.region_plan(qboxes[i], flips[i], heights[i], widths[i])
+        plan[i, R] = beton.whole_image_plan(heights[i:i + 1], widths[i:i + 1])[0, 0]
         g = np.random.default_rng([seed, i, 1])
         ids = (g.integers(0, classes, (R, 1)) + np.arange(k)) % classes  # distinct top-k classes
         probs = g.dirichlet(np.ones(k + 1), R)[:, :k]

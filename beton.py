@@ -277,6 +277,25 @@ def full_boxes(n):
     return np.tile(np.array([0, 0, 255, 255], np.uint8), (n, 1))
 
 
+def seeded_regions(seed, i, n, height, width, scale_min=0.08):
+    """Image i's n regions, a function of (seed, i) only: boxes on the image's 0..255 grid (n, 4) uint8 and
+    flips (n,) bool. The label builder stores them; the trainer replays them from the file."""
+    px, flip = random_boxes(np.random.default_rng([seed, i]), np.full(n, height), np.full(n, width),
+                            scale=(scale_min, 1.0))
+    return grid_boxes(px, height, width), flip
+
+
+def region_plan(qbox, flip, heights, widths):
+    """The decoder's plan rows (..., 5) int32 for stored boxes: the box in pixels (`box_pixels`), then the flip."""
+    return np.concatenate([box_pixels(qbox, heights, widths), np.asarray(flip, np.int32)[..., None]], axis=-1)
+
+
+def whole_image_plan(heights, widths):
+    """(N, 1, 5) plan rows: every image whole, unflipped."""
+    n = len(heights)
+    return region_plan(full_boxes(n), np.zeros(n, bool), heights, widths)[:, None]
+
+
 def center_boxes(heights, widths, ratio):
     """Evaluation crop: a centred square of side `ratio` * min(H, W), as pixel boxes (N, 4) int32."""
     s = (np.minimum(heights, widths) * ratio).astype(np.int64)

@@ -36,10 +36,10 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from beton import (DATASETS, UserError, atomic_write, box_pixels, center_boxes, dataset_beton, epoch_batches,
-                   full_boxes, grid_boxes, image_sizes, load_dataset, parse_config, print0, random_boxes,
-                   read_header, read_regions, region_loader, run_cli, setup_distributed, to_model_input,
-                   unpack_regions)
+from beton import (DATASETS, UserError, atomic_write, center_boxes, dataset_beton, epoch_batches, grid_boxes,
+                   image_sizes, load_dataset, parse_config, print0, random_boxes, read_header, read_regions,
+                   region_loader, region_plan, run_cli, setup_distributed, to_model_input, unpack_regions,
+                   whole_image_plan)
 from kernels_triton import ferkd_loss, region_category
 
 # -----------------------------------------------------------------------------
@@ -246,8 +246,7 @@ def region_plans(c, header, table, heights, widths):
         def fill(epoch):
             px, flip = random_boxes(np.random.default_rng([c.seed, epoch, 1 << 20]), H, W,
                                     scale=(c.scale_min, 1.0))
-            plan[..., :4] = box_pixels(grid_boxes(px, H, W), H, W).reshape(N, c.crops, 4)
-            plan[..., 4] = flip.reshape(N, c.crops)
+            plan[:] = region_plan(grid_boxes(px, H, W), flip, H, W).reshape(N, c.crops, 5)
             return None
         return plan, fill, np.arange(N), None
 
@@ -267,8 +266,8 @@ def region_plans(c, header, table, heights, widths):
             pos = (rng.integers(0, R, e - s)[:, None] + np.arange(c.crops)) % np.maximum(count[s:e], 1)[:, None]
             choice[s:e] = np.take_along_axis(order, pos, axis=1)             # (n, crops)
             rec = table[np.arange(s, e)[:, None], choice[s:e]]                # (n, crops, D)
-            plan[s:e, :, :4] = box_pixels(rec[..., :4], heights[s:e, None], widths[s:e, None])
-            plan[s:e, :, 4] = unpack_regions(torch.from_numpy(rec), k)[3].numpy()
+            flip = unpack_regions(torch.from_numpy(rec), k)[3].numpy()
+            plan[s:e] = region_plan(rec[..., :4], flip, heights[s:e, None], widths[s:e, None])
         return torch.from_numpy(choice)
     return plan, fill, images, cat
 
@@ -438,11 +437,12 @@ def evaluate(model, loader, device, amp_dtype, num_classes):
 def eval_loader(data, res, batch_size, num_workers, rank, world, device):
     path, ds = dataset_beton(data, "test")
     h, w = image_sizes(path)
-    boxes = box_pixels(full_boxes(len(h)), h, w) if isinstance(ds.images, np.ndarray) else \
-        center_boxes(h, w, 224 / 256)
-    plan = np.ascontiguousarray(np.concatenate([boxes, np.zeros((len(h), 1), np.int32)], 1)[:, None])
+    if isinstance(ds.images, np.ndarray):  # small built-in images: whole; an image folder: the centre crop
+        plan = whole_image_plan(h, w)
+    else:
+        plan = np.concatenate([center_boxes(h, w, 224 / 256), np.zeros((len(h), 1), np.int32)], 1)[:, None]
     shard = np.arange(rank, len(h), world)  # disjoint shards: no padding duplicates in the accuracy
-    return region_loader(path, plan.astype(np.int32), res, batch_size, num_workers, indices=shard,
+    return region_loader(path, np.ascontiguousarray(plan, np.int32), res, batch_size, num_workers, indices=shard,
                          device=device), ds
 
 # -----------------------------------------------------------------------------

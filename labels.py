@@ -19,6 +19,7 @@ the top-k).
 The file's layout and everything the trainer shares with this script (records, datasets, the FFCV writer, the
 region decoder, the header) are in beton.py; this file holds the teachers and the three commands.
 """
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,10 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from beton import (MEAN, SCHEMA_VERSION, STD, UserError, alloc_table_ptr, atomic_write, attach_header, barrier,
-                   box_pixels, epoch_batches, full_boxes, grid_boxes, image_sizes, load_dataset, on_rank0,
-                   pack_regions, parse_config, random_boxes, read_header, read_regions, region_bytes,
-                   region_loader, region_slots, regions_crc32, run_cli, set_alloc_table, setup_distributed,
-                   to_model_input, unpack_regions, write_beton)
+                   box_pixels, epoch_batches, image_sizes, load_dataset, on_rank0, pack_regions, parse_config,
+                   print0, read_header, read_regions, region_bytes, region_loader, region_plan, region_slots,
+                   regions_crc32, run_cli, seeded_regions, set_alloc_table, setup_distributed, to_model_input,
+                   unpack_regions, whole_image_plan, write_beton)
 
 # -----------------------------------------------------------------------------
 # Teachers
@@ -231,31 +232,119 @@ def teacher_probs(model, x, device, temperature):
     return F.softmax(logits.float() / temperature, dim=1)
 
 
+def write_images(mode, ds, partial, state, key, R, D):
+    """Phase 1 (rank 0): the images, with all-zero region records, through one writer process (FFCV's workers
+    take chunks from a queue, so with several the layout would vary); then the state that makes the rest
+    resumable. Skipped when an earlier run got this far."""
+    if mode == "finished":
+        shutil.rmtree(state)
+    if mode != "fresh":
+        return
+    shutil.rmtree(state, ignore_errors=True)
+    partial.unlink(missing_ok=True)
+    N = len(ds.labels)
+    zeros = np.broadcast_to(np.zeros((1, R, D), np.uint8), (N, R, D))  # one record block, no N copies
+    t_write = time.time()
+    write_beton(partial, ds, zeros, num_workers=1, quiet=not sys.stderr.isatty())
+    print(f"wrote the {N} images in {time.time() - t_write:.0f} s "
+          f"({N / (time.time() - t_write):.0f} images/s)", flush=True)
+    state.mkdir()
+    ptr = alloc_table_ptr(partial)
+    with open(partial, "rb") as f:
+        f.seek(ptr)
+        table_bytes = f.read()
+    atomic_write(state / "alloc.bin", lambda tmp: tmp.write_bytes(table_bytes))
+    started = json.dumps(dict(key=key, alloc_table_ptr=ptr))
+    atomic_write(state / "build.json", lambda tmp: tmp.write_text(started))
+
+
+def label_chunks(c, model, teacher_id, device, partial, state, todo, chunk, rank0):
+    """Phase 2 on this rank's unfinished chunks: each image's region boxes and flips, a function of (seed, image
+    index) only, in the pixels of the stored image; the teacher on every region and on the whole image, decoded
+    by the student's own decoder; the records written into the file, then the chunk marked done."""
+    from tqdm import tqdm
+    heights, widths = image_sizes(partial)
+    N, R, k = len(heights), c.regions, c.k
+    n_chunks = -(-N // chunk)
+    indices = np.concatenate([np.arange(i * chunk, min(N, (i + 1) * chunk)) for i in todo])
+    # np.zeros maps pages lazily, so these N-row arrays hold memory only for the rows this rank fills: its
+    # share of the images (a plan row is one crop for the decoder: its box in pixels and its flip)
+    qboxes, flips = np.zeros((N, R, 4), np.uint8), np.zeros((N, R), bool)
+    plan = np.zeros((N, R + 1, 5), np.int32)
+    for i in indices:
+        qboxes[i], flips[i] = seeded_regions(c.seed, i, R, heights[i], widths[i], c.scale_min)
+        plan[i, :R] = region_plan(qboxes[i], flips[i], heights[i], widths[i])  # what the student will replay
+        plan[i, R] = whole_image_plan(heights[i:i + 1], widths[i:i + 1])[0, 0]  # and the whole image
+    slots = region_slots(partial)
+    fd = os.open(partial, os.O_RDWR)  # records go in with pwrite: no file pages mapped into this process
+    loader = region_loader(partial, plan, c.res, max(1, c.batch_size // (R + 1)), c.num_workers,
+                           indices=indices)
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=len(indices) * (R + 1), desc=f"teacher ({device.type})", unit="crop", unit_scale=True,
+               disable=not rank0 or not tty)
+    hits = np.zeros(2, np.int64)  # this chunk's (region top-1, whole-image top-1) hits
+    t_chunks, n_done = time.time(), 0
+    for images, labels, index in epoch_batches(loader, 0):
+        x = to_model_input(images, device, teacher_id["mean"], teacher_id["std"])
+        p = teacher_probs(model, x, device, c.temperature).view(len(index), R + 1, -1).cpu()
+        top_p, top_i = p[:, :R].topk(k, dim=2)                                      # (B, R, k)
+        gt = p[:, :R].gather(2, labels.view(-1, 1, 1).expand(-1, R, 1)).squeeze(2)  # (B, R) p_gt
+        idx = index.numpy().astype(np.int64)
+        rec = pack_regions(qboxes[idx], flips[idx], top_i.numpy(), top_p.numpy(), gt.numpy())
+        for s, r in zip(slots[idx], rec):                                              # (R, D) records per image
+            os.pwrite(fd, r.tobytes(), s)
+        hits += [(top_i[..., 0] == labels.view(-1, 1)).sum().item(), (p[:, R].argmax(1) == labels).sum().item()]
+        bar.update(len(idx) * (R + 1))
+        ci = int(idx[0]) // chunk
+        if idx[-1] == min(N, (ci + 1) * chunk) - 1:  # its last batch: make the chunk durable, then say so
+            os.fsync(fd)
+            chunk_hits = json.dumps(dict(region_hits=int(hits[0]), image_hits=int(hits[1])))
+            atomic_write(state / f"c{ci:06d}.json", lambda tmp: tmp.write_text(chunk_hits))
+            hits[:] = 0
+            n_done += min(N, (ci + 1) * chunk) - ci * chunk
+            if rank0 and not tty:  # a log file gets a line per chunk instead of the bar
+                rate = n_done / (time.time() - t_chunks)
+                print(f"chunk {ci + 1}/{n_chunks}: {rate:.0f} images/s, {rate * R:.0f} regions/s, "
+                      f"ETA {(len(indices) - n_done) / rate:.0f} s", flush=True)
+    bar.close()
+    os.close(fd)
+
+
+def finish(partial, state, out, header):
+    """Phase 3 (rank 0): our header after FFCV's data (with the records' checksum), the rename into place,
+    the state removed."""
+    restore_alloc_table(partial, state)
+    attach_header(partial, dict(header, regions_crc32=regions_crc32(partial, header["regions"] *
+                                                                    header["region_bytes"])))
+    os.replace(partial, out)
+    shutil.rmtree(state)
+
+
 def build(**flags):
-    """Build a label file: write the images with region boxes (phase 1), run the teacher on every region
-    through the trainer's own decoder chunk by chunk and patch its top-k and p_gt in (phase 2), then attach
-    the header and rename into place (phase 3). Killed and re-run, it goes on where it stopped; under torchrun
-    each rank takes every W-th chunk. The bytes depend on neither."""
+    """Build a label file: write the images (phase 1), run the teacher on every region through the trainer's
+    own decoder chunk by chunk and write its top-k and p_gt in (phase 2), then attach the header and rename
+    into place (phase 3). Killed and re-run, it goes on where it stopped; under torchrun each rank takes every
+    W-th chunk. The bytes depend on neither."""
     c = parse_config(BuildConfig, flags)
     check_build_config(c)
-    from tqdm import tqdm
     rank, world, device = setup_distributed(c.device)
     ds = load_dataset(c.data, "train")
-    res = c.res or ds.res
+    c = dataclasses.replace(c, res=c.res or ds.res)
     C, N, R, k, D = len(ds.classes), len(ds.labels), c.regions, c.k, region_bytes(c.k)
     if k > C or C > 32768:
         raise UserError(f"--k={k} must be at most the class count {C} (<= 32768)")
     model, teacher_id = load_teacher(c.teacher)
-    check_teacher(model, c.teacher, res, C)
+    check_teacher(model, c.teacher, c.res, C)
     model.to(device).to(memory_format=torch.channels_last)
     per_batch = max(1, c.batch_size // (R + 1))  # images per teacher forward
     chunk = -(-c.chunk // per_batch) * per_batch  # whole batches, so batches never straddle two chunks
     n_chunks = -(-N // chunk)
+    print0(f"build: {json.dumps(dataclasses.asdict(c))}")
     fingerprint = ds.fingerprint()
     # everything that can change a byte of the output: a partial build is only resumed under the same key
     key = json.loads(json.dumps(dict(
         schema=SCHEMA_VERSION, data=ds.name, fingerprint=fingerprint, teacher=teacher_id, regions=R, k=k,
-        temperature=c.temperature, seed=c.seed, res=res, scale_min=c.scale_min, batch_images=per_batch,
+        temperature=c.temperature, seed=c.seed, res=c.res, scale_min=c.scale_min, batch_images=per_batch,
         chunk=chunk, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__)))
     out = Path(c.out)
@@ -263,108 +352,33 @@ def build(**flags):
     t0 = time.time()
     mode = previous_build(c, key, out, partial, state)
     barrier()  # every rank has read the old state before rank 0 changes it
-
-    # 1. the images, with all-zero region records (rank 0): one writer process, since FFCV's workers take
-    # chunks from a queue, so with several the layout would vary. The other ranks wait, or stop with rank 0's
-    # error (a corrupt image, a full disk) instead of waiting for a file that never comes
-    def write_images():
-        if mode == "finished":
-            shutil.rmtree(state)
-        if mode != "fresh":
-            return
-        shutil.rmtree(state, ignore_errors=True)
-        partial.unlink(missing_ok=True)
-        zeros = np.broadcast_to(np.zeros((1, R, D), np.uint8), (N, R, D))  # one record block, no N copies
-        t_write = time.time()
-        write_beton(partial, ds, zeros, num_workers=1, quiet=not sys.stderr.isatty())
-        print(f"wrote the {N} images in {time.time() - t_write:.0f} s "
-              f"({N / (time.time() - t_write):.0f} images/s)", flush=True)
-        state.mkdir()
-        ptr = alloc_table_ptr(partial)
-        with open(partial, "rb") as f:
-            f.seek(ptr)
-            table_bytes = f.read()
-        atomic_write(state / "alloc.bin", lambda tmp: tmp.write_bytes(table_bytes))
-        started = json.dumps(dict(key=key, alloc_table_ptr=ptr))
-        atomic_write(state / "build.json", lambda tmp: tmp.write_text(started))
-    on_rank0(write_images)
+    # the other ranks wait, or stop with rank 0's error (a corrupt image, a full disk)
+    on_rank0(lambda: write_images(mode, ds, partial, state, key, R, D))
     if mode == "finished":
-        print(f"{out} was already built; removed the leftover {state}")
+        print0(f"{out} was already built; removed the leftover {state}")
         return None
 
-    # 2. boxes and flips in the pixels of each stored image, a function of (seed, image index) only; then the
-    # teacher on every region and on the whole image, replayed by the student's decoder
     mine = range(rank, n_chunks, world)
     todo = [i for i in mine if not (state / f"c{i:06d}.json").exists()]
-    if rank == 0:
-        print(f"{N} images in {n_chunks} chunks of {chunk}, {world} process(es); "
-              f"this rank: {len(todo)} chunks to do, {len(mine) - len(todo)} done before", flush=True)
+    print0(f"{N} images in {n_chunks} chunks of {chunk}, {world} process(es); "
+           f"rank 0: {len(todo)} chunks to do, {len(mine) - len(todo)} done before")
     if todo:
-        indices = np.concatenate([np.arange(i * chunk, min(N, (i + 1) * chunk)) for i in todo])
-        heights, widths = image_sizes(partial)
-        # np.zeros maps pages lazily, so these N-row arrays hold memory only for the rows this rank fills: its
-        # share of the images (each (R + 1) x 5 int32 plan row is one region's replay: box in pixels, flip)
-        qboxes, flips = np.zeros((N, R, 4), np.uint8), np.zeros((N, R), bool)
-        plan = np.zeros((N, R + 1, 5), np.int32)
-        for i in indices:
-            px, flips[i] = random_boxes(np.random.default_rng([c.seed, i]), np.full(R, heights[i]),
-                                        np.full(R, widths[i]), scale=(c.scale_min, 1.0))
-            qboxes[i] = grid_boxes(px, heights[i], widths[i])
-            plan[i, :R, :4] = box_pixels(qboxes[i], heights[i], widths[i])  # what the student will replay
-            plan[i, :R, 4] = flips[i]
-            plan[i, R, :4] = (0, 0, heights[i], widths[i])                   # and the whole image
-        slots = region_slots(partial)
-        fd = os.open(partial, os.O_RDWR)  # records go in with pwrite: no file pages mapped into this process
-        loader = region_loader(partial, plan, res, per_batch, c.num_workers, indices=indices)
-        tty = sys.stderr.isatty()
-        bar = tqdm(total=len(indices) * (R + 1), desc=f"teacher ({device.type})", unit="crop",
-                   unit_scale=True, disable=rank != 0 or not tty)
-        hits = np.zeros(2, np.int64)  # this chunk's (region top-1, whole-image top-1) hits
-        t_chunks, n_done = time.time(), 0
-        for images, labels, index in epoch_batches(loader, 0):
-            x = to_model_input(images, device, teacher_id["mean"], teacher_id["std"])
-            p = teacher_probs(model, x, device, c.temperature).view(len(index), R + 1, C).cpu()
-            top_p, top_i = p[:, :R].topk(k, dim=2)                        # (B, R, k)
-            gt = p[:, :R].gather(2, labels.view(-1, 1, 1).expand(-1, R, 1)).squeeze(2)  # (B, R) p_gt
-            idx = index.numpy().astype(np.int64)
-            rec = pack_regions(qboxes[idx], flips[idx], top_i.numpy(), top_p.numpy(), gt.numpy())
-            for s, r in zip(slots[idx], rec):                                # (R, D) records per image
-                os.pwrite(fd, r.tobytes(), s)
-            hits += [(top_i[..., 0] == labels.view(-1, 1)).sum().item(),
-                     (p[:, R].argmax(1) == labels).sum().item()]
-            bar.update(len(idx) * (R + 1))
-            ci = int(idx[0]) // chunk
-            if idx[-1] == min(N, (ci + 1) * chunk) - 1:  # its last batch: make the chunk durable, then say so
-                os.fsync(fd)
-                chunk_hits = json.dumps(dict(region_hits=int(hits[0]), image_hits=int(hits[1])))
-                atomic_write(state / f"c{ci:06d}.json", lambda tmp: tmp.write_text(chunk_hits))
-                hits[:] = 0
-                n_done += min(N, (ci + 1) * chunk) - ci * chunk
-                if rank == 0 and not tty:  # a log file gets a line per chunk instead of the bar
-                    rate = n_done / (time.time() - t_chunks)
-                    print(f"chunk {ci + 1}/{n_chunks}: {rate:.0f} images/s, {rate * R:.0f} regions/s, "
-                          f"ETA {(len(indices) - n_done) / rate:.0f} s", flush=True)
-        bar.close()
-        os.close(fd)
+        label_chunks(c, model, teacher_id, device, partial, state, todo, chunk, rank == 0)
     barrier()
     if rank != 0:
         return None
 
-    # 3. header (the teacher's accuracies summed over every chunk, whoever computed it), rename, clean up
+    # the teacher's accuracies summed over every chunk, whoever computed it
     done = [json.loads((state / f"c{i:06d}.json").read_text()) for i in range(n_chunks)]
     region_hits, image_hits = sum(d["region_hits"] for d in done), sum(d["image_hits"] for d in done)
-    restore_alloc_table(partial, state)
-    header = dict(schema=SCHEMA_VERSION, dataset=ds.name, fingerprint=fingerprint, images=N,
-                  classes=ds.classes, num_classes=C, teacher=teacher_id, temperature=c.temperature, k=k,
-                  regions=R, seed=c.seed, res=res, scale=[c.scale_min, 1.0], ratio=[3 / 4, 4 / 3],
-                  boxes="torchvision RandomResizedCrop in stored-image pixels, on a 0..255 grid",
-                  region_bytes=D, quantization="uint8 round(255 p); uint16 ids, flip in bit 15 of ids[0]",
-                  regions_crc32=regions_crc32(partial, R * D), teacher_device=key["device"],
-                  teacher_batch_images=per_batch, teacher_region_top1=region_hits / (N * R),
-                  teacher_image_top1=image_hits / N)
-    attach_header(partial, header)
-    os.replace(partial, out)
-    shutil.rmtree(state)
+    finish(partial, state, out, dict(
+        schema=SCHEMA_VERSION, dataset=ds.name, fingerprint=fingerprint, images=N, classes=ds.classes,
+        num_classes=C, teacher=teacher_id, temperature=c.temperature, k=k, regions=R, seed=c.seed, res=c.res,
+        scale=[c.scale_min, 1.0], ratio=[3 / 4, 4 / 3],
+        boxes="torchvision RandomResizedCrop in stored-image pixels, on a 0..255 grid", region_bytes=D,
+        quantization="uint8 round(255 p); uint16 ids, flip in bit 15 of ids[0]", teacher_device=key["device"],
+        teacher_batch_images=per_batch, teacher_region_top1=region_hits / (N * R),
+        teacher_image_top1=image_hits / N))
     print(f"wrote {out}: {N} images x {R} regions, {D} bytes/region (labels {N * R * D / 2**20:.1f} MiB), "
           f"teacher top-1 {100 * region_hits / (N * R):.2f}% on regions, "
           f"{100 * image_hits / N:.2f}% on images, "
@@ -424,8 +438,7 @@ def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, 
     ids, probs, pgt, flip = unpack_regions(torch.from_numpy(table[pick]), k)  # (n, R, k) x 2, (n, R) x 2
     heights, widths = image_sizes(path)
     side = int(min(256, max(heights.max(), widths.max())))
-    full = np.concatenate([box_pixels(full_boxes(N), heights, widths), np.zeros((N, 1), np.int32)], axis=1)
-    plan = np.ascontiguousarray(full[:, None], dtype=np.int32)
+    plan = whole_image_plan(heights, widths)
     decoded = {}
     for imgs, labels, index in epoch_batches(region_loader(path, plan, side, len(pick), 1, indices=pick), 0):
         decoded.update((int(i), (img[0].numpy().copy(), int(y))) for img, y, i in zip(imgs, labels, index))
