@@ -87,7 +87,7 @@ def bench_loader(images=4000, workers=2, batch=256, regions=4, res=32, epochs=3)
     table = beton.pack_regions(boxes, flips, rng.integers(0, 10, (N, regions, 5)), rng.random((N, regions, 5)) / 5,
                                 rng.random((N, regions)))
     path = d / "bench.beton"
-    beton.write_beton(path, ds, table, workers)
+    beton.write_beton(path, ds, table)
     for i in range(N):  # the torchvision way: encoded image files and one label file per image
         Image.fromarray(ds.images[i]).save(d / f"{i}.png")
         torch.save({"boxes": torch.from_numpy(boxes[i].astype(np.float32) / 255), "flip": torch.from_numpy(flips[i]),
@@ -250,7 +250,7 @@ def scale_write(path, images, regions, k=5, classes=1000, seed=0):
     labels = rng.integers(0, classes, N)
     ds = beton.Dataset("synthetic", "train", [str(c) for c in range(classes)], labels, SyntheticImages(N), 32)
     t0 = time.time()
-    beton.write_beton(path, ds, np.broadcast_to(np.zeros((1, R, D), np.uint8), (N, R, D)), num_workers=1)
+    beton.write_beton(path, ds, np.broadcast_to(np.zeros((1, R, D), np.uint8), (N, R, D)))
     t1 = time.time()
     print(f"ingest: {N / (t1 - t0):,.0f} images/s, {t1 - t0:.0f} s, {memory()}", flush=True)
     heights, widths = beton.image_sizes(path)

@@ -23,7 +23,9 @@ past it, so FFCV reads the file as usual. `read_header` checks every length, so 
 The same FFCV decoder (`RegionCrop`) crops, resizes and flips for the teacher in labels.py and for the student
 in ferkd.py, so the teacher sees each region exactly as the trainer replays it.
 """
+import collections
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import errno
@@ -33,9 +35,11 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,127 +409,148 @@ def load_dataset(data, split):
 
 
 class _FFCVSource:
-    """Indexable view of a Dataset (plus precomputed region records) for FFCV's writer."""
+    """Indexable view of a Dataset (plus precomputed region records) for FFCV's writer. Images that are not
+    arrays in memory (image files, bench.py's synthetic source) come already resized and JPEG-encoded by
+    `_EncodedImages`, in index order, which is the order FFCV's one writer asks for them."""
 
-    def __init__(self, ds, regions, max_side):
-        self.ds, self.regions, self.max_side = ds, regions, max_side
+    def __init__(self, ds, regions, encoded):
+        self.ds, self.regions, self.encoded = ds, regions, encoded
 
     def __len__(self):
         return len(self.ds.labels)
 
     def __getitem__(self, i):
-        img = self.ds.images[i]
-        if not isinstance(img, np.ndarray):
-            from PIL import Image
-            img = np.asarray(Image.open(img).convert("RGB"))
+        img = self.ds.images[i] if self.encoded is None else self.encoded[i]
         item = (img, int(self.ds.labels[i]), i)
         return item if self.regions is None else item + (self.regions[i],)
 
 
-def _decode_error(path):
-    """None if the image file decodes, else the error line. Runs in `_open_images`' worker processes."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            im.convert("RGB").load()
-    except Exception as e:  # PIL raises many types for bad files
-        return f"cannot decode image {path}: {e}"
-    return None
+MAX_SIDE, JPEG_QUALITY = 512, 90  # how image files are stored: longest side at most 512 px, JPEG quality 90
+_images = None                    # in the writing process: the image source, set before the pool forks
+_writer = _writer_errors = None   # and FFCV's writer, and the queue that takes its error to the parent
 
 
-def _open_images(ds):
-    """Decode every image file once before handing them to FFCV, on every core: an exception inside FFCV's
-    writer hangs it instead of raising (NOTES.md), so a corrupt file must be found here, by name. Forked
-    workers run PIL only (no torch, no FFCV), so forking this process is safe and starts in milliseconds."""
-    if not isinstance(ds.images, list):  # arrays, or a source of arrays (bench.py's synthetic images)
-        return
-    with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
-        for error in pool.imap(_decode_error, ds.images, chunksize=64):
-            if error is not None:
-                raise UserError(error)
+def _encode_image(i):
+    """Image i as RGBImageField(write_mode="jpg") stores it, by FFCV's own functions (so the bytes are those
+    FFCV would write): decoded to RGB, shrunk to MAX_SIDE, JPEG-encoded. Or the error line."""
+    from ffcv.fields.rgb_image import encode_jpeg, resizer
+    img = _images[i]
+    if not isinstance(img, np.ndarray):
+        from PIL import Image
+        try:
+            with Image.open(img) as im:
+                img = np.asarray(im.convert("RGB"))
+        except Exception as e:  # PIL raises many types for bad files
+            return f"cannot decode image {img}: {e}"
+    img = resizer(img, MAX_SIDE)
+    return img.shape[:2], encode_jpeg(img, JPEG_QUALITY)
 
 
-def write_beton(path, ds, regions=None, num_workers=2, quiet=None):
-    """Write `ds` (and per-image region records) to an FFCV file at `path` (not atomic: callers write to a
-    temporary name and rename). With one worker the bytes are a function of the inputs only."""
-    import ffcv.writer
-    from ffcv.fields import IntField, NDArrayField, RGBImageField
-    from ffcv.writer import DatasetWriter
-    _open_images(ds)
-    raw = isinstance(ds.images, np.ndarray)
-    fields = {"image": RGBImageField(write_mode="raw" if raw else "jpg", max_resolution=None if raw else 512,
-                                     jpeg_quality=90),
-              "label": IntField(), "index": IntField()}
-    if regions is not None:
-        fields["regions"] = NDArrayField(np.dtype("uint8"), regions.shape[1:])
-    if quiet is None:  # progress only for a person at a terminal: logs and captured stderr stay clean
-        quiet = not sys.stderr.isatty()
-    bar, process = ffcv.writer.tqdm, ffcv.writer.Process
-    ffcv.writer.tqdm = functools.partial(bar, disable=quiet, desc="images", unit="img")  # its bar has no flag
-    ffcv.writer.Process = _WriterProcess
-    writer = DatasetWriter(str(path), fields, num_workers=num_workers)
-    try:
-        with _WriterProcess.watch():
-            writer.from_indexed_dataset(_FFCVSource(ds, regions, None), chunksize=256)
-    except _WriterDied as e:
-        writer.metadata_sm.unlink()  # FFCV unlinks its shared memory only when it finishes
-        raise UserError(f"could not write {path}: {e}") from None
-    except OSError as e:  # the allocation table is written by this process
-        raise UserError(f"could not write {path}: {e}") from None
-    finally:
-        ffcv.writer.tqdm, ffcv.writer.Process = bar, process
+def _store_encoded(destination, item, malloc):
+    """RGBImageField.encode for an image `_encode_image` has encoded: the same metadata and bytes."""
+    (destination["height"], destination["width"]), data = item
+    destination["mode"] = 0  # ffcv.fields.rgb_image.IMAGE_MODES["jpg"]
+    destination["data_ptr"], storage = malloc(data.nbytes)
+    storage[:] = data
 
 
-class _WriterDied(Exception):
-    pass
+class _EncodedImages:
+    """`_encode_image` of 0, 1, 2, ... on every core, `ahead` blocks of images in flight, handed out in order."""
+
+    def __init__(self, n, pool, block=32, ahead=None):
+        self.n, self.pool, self.block = n, pool, block
+        self.ahead = ahead or 4 * os.cpu_count()
+        self.pending, self.submitted = collections.deque(), 0
+        self.start, self.items = 0, []
+
+    def __getitem__(self, i):
+        while not self.start <= i < self.start + len(self.items):
+            if i < self.start:
+                raise RuntimeError(f"images are encoded in order; asked for {i} after {self.start}")
+            while len(self.pending) < self.ahead and self.submitted < self.n:
+                stop = min(self.n, self.submitted + self.block)
+                self.pending.append((self.submitted, self.pool.map_async(_encode_image, range(self.submitted,
+                                                                                               stop))))
+                self.submitted = stop
+            self.start, result = self.pending.popleft()
+            self.items = result.get()
+        item = self.items[i - self.start]
+        if isinstance(item, str):
+            raise UserError(item)
+        return item
 
 
-class _WriterProcess(multiprocessing.Process):
-    """FFCV's writer waits for its worker processes by polling a counter they raise, so a worker that fails
-    (a full disk, a bad sample) leaves it waiting forever (NOTES.md). Its workers are made of this class: a
-    failing one sends its error through a pipe and exits, and `watch` interrupts the waiting main thread."""
-    errors = None    # multiprocessing.SimpleQueue of "Type: message" from failed workers
-    started = []
-
-    def start(self):
-        _WriterProcess.started.append(self)
-        super().start()
+class _WriterThread(threading.Thread):
+    """FFCV's writer worker as a thread of the writing process. FFCV's writer polls a counter its workers
+    raise, so a worker that fails (a bad image, a full disk) would leave it waiting forever (NOTES.md): here
+    the worker's error ends the writing process, which `write_beton` reports."""
 
     def run(self):
         try:
             super().run()
-        except BaseException as e:  # report it here: the parent prints one line, not the worker's traceback
-            _WriterProcess.errors.put(f"{type(e).__name__}: {e}")
-            os._exit(1)
+        except BaseException as e:
+            _writer_failed(e)
 
-    @classmethod
-    @contextlib.contextmanager
-    def watch(cls):
-        import signal
-        import threading
-        cls.errors, cls.started, done, failed = multiprocessing.SimpleQueue(), [], threading.Event(), []
 
-        def watchdog():
-            while not done.wait(0.2):
-                if any(p.exitcode not in (None, 0) for p in cls.started):
-                    failed.append(cls.errors.get() if not cls.errors.empty() else "a writer process died")
-                    # a real SIGINT, not _thread.interrupt_main(): the main thread may be blocked reading a pipe
-                    # (FFCV's allocation queue), which only a delivered signal interrupts
-                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-                    return
-        thread = threading.Thread(target=watchdog, daemon=True)
-        thread.start()
-        try:
-            yield
-        except KeyboardInterrupt:
-            if not failed:
-                raise
-            for p in cls.started:
-                p.kill()
-            raise _WriterDied(failed[0]) from None
-        finally:
-            done.set()
-            thread.join()
+def _writer_failed(e):
+    """In the writing process: report the error, free FFCV's shared memory (it frees it only when it
+    finishes), exit."""
+    _writer_errors.put(str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
+    with contextlib.suppress(Exception):
+        _writer.metadata_sm.unlink()
+    os._exit(1)
+
+
+def write_beton(path, ds, regions=None, quiet=None):
+    """Write `ds` (and per-image region records) to an FFCV file at `path` (not atomic: callers write to a
+    temporary name and rename). The bytes are a function of the inputs only: images are encoded on every
+    core, then one thread writes them in index order. The writing runs in a child process in its own
+    session, which this process waits for, then reports its error as one line; killed, the child goes too."""
+    if quiet is None:  # progress only for a person at a terminal: logs and captured stderr stay clean
+        quiet = not sys.stderr.isatty()
+    global _writer_errors
+    ctx = multiprocessing.get_context("fork")
+    _writer_errors = ctx.SimpleQueue()
+    child = ctx.Process(target=_write, args=(path, ds, regions, quiet))
+    child.start()
+    try:
+        child.join()
+    finally:  # done, failed or interrupted: end whatever is left of its group (the encoding pool)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.join()
+    if child.exitcode != 0:
+        error = _writer_errors.get() if not _writer_errors.empty() else f"exit code {child.exitcode}"
+        raise UserError(error if error.startswith("cannot decode") else f"could not write {path}: {error}")
+
+
+def _write(path, ds, regions, quiet):
+    """write_beton's child process."""
+    os.setsid()  # its own process group, with its pool: ended together; a terminal's Ctrl-C goes to the parent
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: ends when the parent does, however it ends
+    try:
+        import ffcv.writer
+        from ffcv.fields import IntField, NDArrayField, RGBImageField
+        global _images, _writer
+        raw = isinstance(ds.images, np.ndarray)
+        image = RGBImageField(write_mode="raw" if raw else "jpg", max_resolution=None if raw else MAX_SIDE,
+                              jpeg_quality=JPEG_QUALITY)
+        fields = {"image": image, "label": IntField(), "index": IntField()}
+        if regions is not None:
+            fields["regions"] = NDArrayField(np.dtype("uint8"), regions.shape[1:])
+        encoded = None
+        if not raw:
+            _images = ds.images
+            pool = multiprocessing.get_context("fork").Pool(os.cpu_count())  # before any thread starts
+            encoded = _EncodedImages(len(ds.labels), pool)
+            image.encode = _store_encoded
+        ffcv.writer.tqdm = functools.partial(ffcv.writer.tqdm, disable=quiet, desc="images", unit="img")
+        ffcv.writer.Process = _WriterThread
+        _writer = ffcv.writer.DatasetWriter(str(path), fields, num_workers=1)
+        _writer.from_indexed_dataset(_FFCVSource(ds, regions, encoded), chunksize=256)
+    except BaseException as e:
+        _writer_failed(e)
+    os._exit(0)
 
 
 def dataset_beton(data, split, cache_dir="data"):

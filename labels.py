@@ -245,7 +245,7 @@ def write_images(mode, ds, partial, state, key, R, D):
     N = len(ds.labels)
     zeros = np.broadcast_to(np.zeros((1, R, D), np.uint8), (N, R, D))  # one record block, no N copies
     t_write = time.time()
-    write_beton(partial, ds, zeros, num_workers=1, quiet=not sys.stderr.isatty())
+    write_beton(partial, ds, zeros)
     print(f"wrote the {N} images in {time.time() - t_write:.0f} s "
           f"({N / (time.time() - t_write):.0f} images/s)", flush=True)
     state.mkdir()

@@ -79,12 +79,14 @@ def test_two_processes_give_the_same_bytes(built, reference, tmp_path):
 def test_full_disk_during_build_then_rerun_gives_the_same_bytes(built, reference, tmp_path):
     """FFCV's writer waits forever for a worker that failed (NOTES.md): with writes capped at 200 kB
     (RLIMIT_FSIZE fails them with EFBIG, as a full disk fails with ENOSPC) the build must end with one error
-    line, and the same command without the cap must then write the file an uninterrupted build writes."""
+    line, and the same command without the cap must then write the file an uninterrupted build writes. Started
+    with SIGINT ignored, as `cmd &` from a script starts it, so nothing may rely on delivering a SIGINT."""
     import resource
     import signal
 
     def small_files():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
     ckpt, _ = built
     out = tmp_path / "labels.beton"
