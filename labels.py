@@ -731,12 +731,15 @@ def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, 
         ax.text(t[name], 1.0, f"{name}={t[name]:g} ", transform=ax.get_xaxis_transform(), fontsize=9,
                 va="top", ha="right", rotation=90)
     share = hist.sum(1) / hist.sum()
+    # imported FKD labels (`import`) lack p_gt where the true class is not in the top-k: say how often
+    guessed = (f"; p_gt estimated (1 - sum of top-k) / (C - k) on {header['pgt_estimated']:.1%} of regions"
+               if header.get("pgt_estimated") else "")
     ax.set_yscale("log")
     ax.set_xlim(0, 1)
     ax.set_xlabel("p_gt: the teacher's probability of the true class, per region (stored as round(255 p))")
     ax.set_ylabel("regions")
     ax.set_title(f"{path}: {N} images x {R} regions, teacher {header['teacher']['name']}; " + ", ".join(
-        f"{name} {s:.1%}" for (name, _), s in zip(CATEGORY, share)), fontsize=10)
+        f"{name} {s:.1%}" for (name, _), s in zip(CATEGORY, share)) + guessed, fontsize=10)
     ax.legend(loc="upper center")
     try:
         atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110))
@@ -744,7 +747,7 @@ def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, 
         plt.close(fig)
     print(f"wrote {out}: {len(pick)} images, {n_show} regions each; regions dropped / hard / soft at "
           f"t_low={t['t_low']:g} t_mid={t['t_mid']:g} t_top={t['t_top']:g}: "
-          + " / ".join(f"{s:.1%}" for s in share))
+          + " / ".join(f"{s:.1%}" for s in share) + guessed)
 
 
 if __name__ == "__main__":
