@@ -174,6 +174,22 @@ def on_rank0(work):
     if error is not None:
         raise UserError(error)
 
+
+def on_all_ranks(work):
+    """Run work() on every rank, then let every rank go on, or all stop with the first failed rank's one-line
+    error (the others would otherwise wait at the next barrier for a rank that has gone)."""
+    error = None
+    try:
+        work()
+    except UserError as e:
+        error = str(e)
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise UserError(error)
+
 # -----------------------------------------------------------------------------
 # Region records: packing, unpacking, boxes
 

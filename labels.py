@@ -21,8 +21,11 @@ region decoder, the header) are in beton.py; this file holds the teachers and th
 """
 import dataclasses
 import hashlib
+import io
 import json
 import os
+import pickle
+import re
 import shutil
 import sys
 import time
@@ -34,10 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from beton import (MEAN, SCHEMA_VERSION, STD, UserError, alloc_table_ptr, atomic_write, attach_header, barrier,
-                   box_pixels, epoch_batches, image_sizes, load_dataset, on_rank0, pack_regions, parse_config,
-                   print0, read_header, read_regions, region_bytes, region_loader, region_plan, region_slots,
-                   regions_crc32, run_cli, seeded_regions, set_alloc_table, setup_distributed, to_model_input,
-                   unpack_regions, whole_image_plan, write_beton)
+                   box_pixels, epoch_batches, grid_boxes, image_sizes, load_dataset, on_all_ranks, on_rank0,
+                   pack_regions, parse_config, print0, read_header, read_regions, region_bytes, region_loader,
+                   region_plan, region_slots, regions_crc32, run_cli, seeded_regions, set_alloc_table,
+                   setup_distributed, to_model_input, unpack_regions, whole_image_plan, write_beton)
 
 # -----------------------------------------------------------------------------
 # Teachers
@@ -400,6 +403,244 @@ def inspect(path, rows=3):
 
 
 # -----------------------------------------------------------------------------
+# `labels.py import`: FKD's published soft labels in the teacher's place (issue 15)
+#
+# FKD (FKD_SLG/generate_soft_label.py) writes one file per training image, DIR/train/<class>/<stem>.tar, with
+# torch.save([coords, flip, out]) of NumPy arrays: coords (N, 4) float32, or float16 with --use_fp16, are
+# (i/H, j/W, h/H, w/W) of torchvision's RandomResizedCrop box in the original image; flip (N,) bool; out
+# (N, 2, k) the top-k class ids as floats, then their probabilities. FKD trains on the top-k with the rest of
+# the mass spread evenly over the other C - k classes, as ferkd does. The import is `build` with these files
+# in the teacher's place: the same three phases, resume state and sharding.
+
+@dataclass(frozen=True)
+class ImportConfig:
+    fkd: str = ""               # FKD's label folder: DIR/train/<class>/<image stem>.tar
+    data: str = ""              # imagefolder:/path whose train/ images the labels were made from
+    out: str = ""               # output .beton
+    regions: int = 0            # R: each file's first R regions; 0: as many as the first image's file holds
+    res: int = 0                # crop side the student trains at; 0: the dataset's default (224)
+    chunk: int = 1024           # images per chunk, the unit of resume and sharding
+    skip_missing: bool = False  # leave out the images that have no label file (counted) instead of stopping
+    overwrite: bool = False     # replace an existing --out, or discard an unfinished import of another config
+
+
+# What FKD's files name when unpickled (NumPy 1.x writes numpy.core, 2.x numpy._core): torch's weights-only
+# unpickler refuses every other global, so a file that carries code or any other object runs nothing
+_RECONSTRUCT = np._core.multiarray._reconstruct
+FKD_SAFE_GLOBALS = [(_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
+                    (_RECONSTRUCT, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype,
+                    *(type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.bool_))]
+
+
+def fkd_label_path(fkd_dir, image):
+    """Where FKD keeps an image's labels: the image path's last three parts (split/class/name), the name cut
+    at its first dot as FKD's `split('.')[0]` cuts it, then .tar (FKD_train/utils_FKD.py, ImageFolder_FKD)."""
+    split, cls, name = Path(image).parts[-3:]
+    return Path(fkd_dir) / split / cls / (name.split(".")[0] + ".tar")
+
+
+def load_fkd(path):
+    """One FKD label file -> (coords (N, 4), flip (N,), out (N, 2, k)) as stored, and the file's bytes.
+    Loaded with torch's weights-only unpickler and only NumPy's array types allowed, never full unpickling."""
+    try:
+        data = Path(path).read_bytes()
+        with torch.serialization.safe_globals(FKD_SAFE_GLOBALS):
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise UserError(f"cannot read FKD label file {path}: {e.strerror}") from None
+    except pickle.UnpicklingError as e:
+        bad = re.search(r"GLOBAL (\S+)", str(e))
+        if bad:
+            raise UserError(f"FKD label file {path} needs {bad.group(1)} to load, which is not one of the "
+                            f"NumPy types FKD's files hold: refused, nothing in it was run") from None
+        raise UserError(f"cannot read FKD label file {path}: not a torch.save file (truncated?)") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, ... for a truncated or damaged archive
+        raise UserError(f"cannot read FKD label file {path}: truncated or damaged "
+                        f"({type(e).__name__})") from None
+    if not (isinstance(obj, (list, tuple)) and len(obj) == 3 and all(isinstance(a, np.ndarray) for a in obj)):
+        raise UserError(f"FKD label file {path} does not hold FKD's [coords, flip, out] NumPy arrays")
+    coords, flip, out = obj
+    n = len(coords)
+    if (coords.shape != (n, 4) or flip.shape != (n,) or out.ndim != 3 or out.shape[:2] != (n, 2) or n < 1
+            or coords.dtype.kind != "f" or flip.dtype != np.bool_ or out.dtype.kind != "f"):
+        raise UserError(f"FKD label file {path} holds arrays {coords.dtype}{list(coords.shape)}, "
+                        f"{flip.dtype}{list(flip.shape)}, {out.dtype}{list(out.shape)}; FKD writes float "
+                        f"(N, 4), bool (N,), float (N, 2, k)")
+    return (coords, flip, out), data
+
+
+def check_fkd(path, arrays, R, k, C):
+    """The first R regions of one file's arrays, checked against the import's R and k and the dataset's C
+    classes: (coords (R, 4) float64, flip (R,) bool, ids (R, k) int64, probs (R, k) float64)."""
+    coords, flip, out = arrays
+    if out.shape[2] != k:
+        raise UserError(f"FKD label file {path} keeps the top {out.shape[2]} classes, the first file the top "
+                        f"{k}: an import takes one label type")
+    if len(coords) < R:
+        raise UserError(f"FKD label file {path} holds {len(coords)} regions, fewer than R={R}; pass "
+                        f"--regions={len(coords)} or less (every image keeps the same R)")
+    coords, out = coords[:R].astype(np.float64), out[:R].astype(np.float64)
+    top, left, h, w = coords.T
+    slack = 2 ** -10  # float16 rounding of i/H + h/H near 1
+    if not (np.isfinite(coords).all() and (coords >= 0).all() and (coords <= 1).all() and (h > 0).all()
+            and (w > 0).all() and (top + h <= 1 + slack).all() and (left + w <= 1 + slack).all()):
+        raise UserError(f"FKD label file {path} has crop coords outside [0, 1] (or an empty crop)")
+    ids, probs = out[:, 0], out[:, 1]
+    if not (np.isfinite(ids).all() and (ids == np.rint(ids)).all() and (ids >= 0).all() and (ids < C).all()):
+        raise UserError(f"FKD label file {path} has class ids outside 0..{C - 1}, the {C} classes of --data")
+    if not (np.isfinite(probs).all() and (probs >= 0).all() and (probs.sum(1) <= 1 + 1e-2).all()):
+        raise UserError(f"FKD label file {path} has top-k probabilities outside [0, 1] or summing above 1")
+    return coords, flip[:R], ids.astype(np.int64), probs
+
+
+def fkd_boxes(coords, height, width):
+    """FKD's fractions (R, 4) -> boxes (R, 4) uint8 on the 0..255 grid of the stored image (height x width).
+    The edges are those FKD's own crop takes from an image of that size: resized_crop of a PIL image crops
+    (j, i, j + w, i + h) with i = fraction x side in float64, and PIL rounds each edge half to even. FFCV
+    stores the image scaled as a whole (max side 512), so the fractions carry over; `grid_boxes` keeps these
+    edges exactly for sides up to 255 px, within side/510 + 1/2 px above (tests/test_import.py)."""
+    top, left = coords[:, 0] * height, coords[:, 1] * width
+    px = np.rint(np.stack([top, left, top + coords[:, 2] * height, left + coords[:, 3] * width], 1))
+    px = np.minimum(px, [height, width, height, width])  # float16 fractions may overshoot the edge a little
+    return grid_boxes(px.astype(np.int64), height, width)
+
+
+def fkd_pgt(ids, probs, label, C):
+    """p_gt per region and whether it is estimated. Where the true class is in the top-k, its probability;
+    elsewhere FKD kept only that it is below the k-th, and we store what FKD's marginal smoothing gives every
+    class outside the top-k, (1 - sum of top-k) / (C - k)."""
+    hit = ids == label                                                # (R, k)
+    known = hit.any(1)
+    rest = np.clip(1 - probs.sum(1), 0, 1) / (C - ids.shape[1])
+    return np.where(known, (probs * hit).sum(1), rest), ~known
+
+
+def import_chunks(ds, label_paths, partial, state, todo, chunk, R, k, rank0):
+    """Phase 2 on this rank's unfinished chunks: each image's FKD file loaded and checked, its regions packed
+    as `build` packs a teacher's and written into the file, then the chunk marked done with its counts and
+    the sha256 of the label files it read."""
+    heights, widths = image_sizes(partial)
+    slots = region_slots(partial)
+    N, C = len(heights), len(ds.classes)
+    t0, n_done = time.time(), 0
+    fd = os.open(partial, os.O_RDWR)  # records go in with pwrite, as in `label_chunks`
+    try:
+        for ci in todo:
+            sha, estimated, hits = hashlib.sha256(), 0, 0
+            for i in range(ci * chunk, min(N, (ci + 1) * chunk)):
+                arrays, data = load_fkd(label_paths[i])
+                sha.update(data)
+                coords, flip, ids, probs = check_fkd(label_paths[i], arrays, R, k, C)
+                pgt, guessed = fkd_pgt(ids, probs, ds.labels[i], C)
+                rec = pack_regions(fkd_boxes(coords, heights[i], widths[i]), flip, ids, probs, pgt)  # (R, D)
+                os.pwrite(fd, rec.tobytes(), int(slots[i]))
+                estimated += int(guessed.sum())
+                hits += int((ids[:, 0] == ds.labels[i]).sum())
+            os.fsync(fd)
+            done = json.dumps(dict(pgt_estimated=estimated, region_hits=hits, sha256=sha.hexdigest()))
+            atomic_write(state / f"c{ci:06d}.json", lambda tmp: tmp.write_text(done))
+            n_done += min(N, (ci + 1) * chunk) - ci * chunk
+            if rank0:
+                rate = n_done / (time.time() - t0)
+                print(f"chunk {ci + 1}/{-(-N // chunk)}: {rate:.0f} images/s", flush=True)
+    finally:
+        os.close(fd)
+
+
+def import_fkd(**flags):
+    """`labels.py import`: a label file from FKD's soft-label folder and the image folder it was made from, no
+    teacher. R is --regions, or the first image's file's region count; every file must hold at least R
+    regions (the first R are taken) and the same k. Killed and re-run it goes on where it stopped; under
+    torchrun each rank takes every W-th chunk; the bytes depend on neither."""
+    c = parse_config(ImportConfig, flags)
+    if not (c.fkd and c.data and c.out):
+        raise UserError("--fkd=DIR, --data=imagefolder:/path and --out=FILE.beton are required")
+    if c.regions < 0 or c.chunk < 1 or c.res < 0:
+        raise UserError("--regions and --res must be >= 0 and --chunk positive")
+    if not Path(c.out).resolve().parent.is_dir():
+        raise UserError(f"output directory {Path(c.out).parent} does not exist")
+    rank, world, _ = setup_distributed("cpu")
+    ds = load_dataset(c.data, "train")
+    if not c.data.startswith("imagefolder:"):
+        raise UserError("--data must be imagefolder:/path, the images FKD's labels were made from")
+    fkd_dir = Path(c.fkd).expanduser().resolve()
+    split_dir = fkd_dir / Path(ds.images[0]).parts[-3]  # FKD's DIR/train
+    if not split_dir.is_dir():
+        raise UserError(f"{split_dir} is not a directory (--fkd=DIR needs DIR/train/<class>/<image>.tar)")
+    fkd_classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if fkd_classes != ds.classes:  # class ids are the sorted folder names (ImageFolder's): both must agree
+        odd = sorted(set(fkd_classes) ^ set(ds.classes))[:3]
+        raise UserError(f"{split_dir} has {len(fkd_classes)} class folders, the images {len(ds.classes)}; "
+                        f"the label ids would not fit the classes (e.g. {', '.join(odd)} is in only one)")
+
+    # every image's label file before anything is written (stat only: the files are read in phase 2)
+    N_all, C = len(ds.labels), len(ds.classes)
+    label_paths = [fkd_label_path(fkd_dir, p) for p in ds.images]
+    have = np.array([p.is_file() for p in label_paths])
+    missing = int(N_all - have.sum())
+    if missing and (not c.skip_missing or missing == N_all):
+        first = int(np.argmin(have))
+        raise UserError(f"no FKD label file {label_paths[first]} for image {ds.images[first]} ({missing} of "
+                        f"{N_all} images have none)" + ("; pass --skip_missing to leave them out"
+                                                          if missing < N_all else ""))
+    if missing:
+        print0(f"leaving out the {missing} of {N_all} images that have no FKD label file (--skip_missing)")
+    keep = np.flatnonzero(have)
+    fingerprint = ds.fingerprint()  # the whole folder's, which `ferkd.py train --data` checks
+    ds = dataclasses.replace(ds, labels=ds.labels[keep], images=[ds.images[i] for i in keep])
+    label_paths = [label_paths[i] for i in keep]
+    # R and k from the first file (the records are one (N, R, D) array); every file is checked against them
+    first, _ = load_fkd(label_paths[0])
+    R, k = c.regions or len(first[0]), first[2].shape[2]
+    if k >= C or C > 32768:
+        raise UserError(f"FKD's labels keep the top {k} classes, --data has {C}: it needs more than k "
+                        f"(and at most 32768)")
+    res, N, D, chunk = c.res or ds.res, len(keep), region_bytes(k), c.chunk
+    n_chunks = -(-N // chunk)
+    print0(f"import: {json.dumps(dict(dataclasses.asdict(c), regions=R, res=res))}")
+    source = f"fkd:{fkd_dir}"
+    key = json.loads(json.dumps(dict(
+        schema=SCHEMA_VERSION, source=source, data=ds.name, fingerprint=fingerprint,
+        images=hashlib.sha256(keep.tobytes()).hexdigest()[:16], regions=R, k=k, res=res, chunk=chunk)))
+    out = Path(c.out)
+    partial, state = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.d")
+    t0 = time.time()
+    mode = previous_build(c, key, out, partial, state)
+    barrier()  # every rank has read the old state before rank 0 changes it
+    on_rank0(lambda: write_images(mode, ds, partial, state, key, R, D))
+    if mode == "finished":
+        print0(f"{out} was already built; removed the leftover {state}")
+        return None
+
+    mine = range(rank, n_chunks, world)
+    todo = [i for i in mine if not (state / f"c{i:06d}.json").exists()]
+    print0(f"{N} images in {n_chunks} chunks of {chunk}, {world} process(es); "
+           f"rank 0: {len(todo)} chunks to do, {len(mine) - len(todo)} done before")
+    # a bad file on any rank stops every rank with its one line (work done so far stays for the re-run)
+    on_all_ranks(lambda: import_chunks(ds, label_paths, partial, state, todo, chunk, R, k, rank == 0))
+    if rank != 0:
+        return None
+
+    done = [json.loads((state / f"c{i:06d}.json").read_text()) for i in range(n_chunks)]
+    estimated, hits = sum(d["pgt_estimated"] for d in done), sum(d["region_hits"] for d in done)
+    checksum = hashlib.sha256("".join(d["sha256"] for d in done).encode()).hexdigest()[:16]
+    finish(partial, state, out, dict(
+        schema=SCHEMA_VERSION, dataset=ds.name, fingerprint=fingerprint, images=N, classes=ds.classes,
+        num_classes=C, source=source, skipped_images=missing,
+        # mean/std: FKD's ImageNet teachers' normalization (generate_soft_label.py), which the trainer uses
+        teacher=dict(kind="fkd", name=f"FKD labels {fkd_dir.name}", checksum=checksum, mean=MEAN, std=STD),
+        temperature=1.0, k=k, regions=R, res=res,  # T = 1: FKD's students learn from the stored softmax as is
+        boxes="FKD's RandomResizedCrop fractions of the original image, on a 0..255 grid of the stored image",
+        region_bytes=D, quantization="uint8 round(255 p); uint16 ids, flip in bit 15 of ids[0]",
+        pgt="the true class's top-k probability; where it is not in the top-k, (1 - sum of top-k) / (C - k)",
+        pgt_estimated=estimated / (N * R), teacher_region_top1=hits / (N * R)))
+    print(f"wrote {out}: {N} images x {R} regions from {fkd_dir}, {D} bytes/region; p_gt estimated "
+          f"(true class not in the top-{k}) on {estimated / (N * R):.1%} of regions, top-1 = true class on "
+          f"{hits / (N * R):.1%}; {time.time() - t0:.0f} s")
+    return None
+
+
+# -----------------------------------------------------------------------------
 # `labels.py show`: a picture of what the teacher said, and of FerKD's calibration (issue 4)
 
 CATEGORY = (("dropped", "#d62728"), ("hard", "#ff7f0e"), ("soft", "#2ca02c"))  # region_category's 0, 1, 2
@@ -490,12 +731,15 @@ def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, 
         ax.text(t[name], 1.0, f"{name}={t[name]:g} ", transform=ax.get_xaxis_transform(), fontsize=9,
                 va="top", ha="right", rotation=90)
     share = hist.sum(1) / hist.sum()
+    # imported FKD labels (`import`) lack p_gt where the true class is not in the top-k: say how often
+    guessed = (f"; p_gt estimated (1 - sum of top-k) / (C - k) on {header['pgt_estimated']:.1%} of regions"
+               if header.get("pgt_estimated") else "")
     ax.set_yscale("log")
     ax.set_xlim(0, 1)
     ax.set_xlabel("p_gt: the teacher's probability of the true class, per region (stored as round(255 p))")
     ax.set_ylabel("regions")
     ax.set_title(f"{path}: {N} images x {R} regions, teacher {header['teacher']['name']}; " + ", ".join(
-        f"{name} {s:.1%}" for (name, _), s in zip(CATEGORY, share)), fontsize=10)
+        f"{name} {s:.1%}" for (name, _), s in zip(CATEGORY, share)) + guessed, fontsize=10)
     ax.legend(loc="upper center")
     try:
         atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110))
@@ -503,8 +747,8 @@ def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, 
         plt.close(fig)
     print(f"wrote {out}: {len(pick)} images, {n_show} regions each; regions dropped / hard / soft at "
           f"t_low={t['t_low']:g} t_mid={t['t_mid']:g} t_top={t['t_top']:g}: "
-          + " / ".join(f"{s:.1%}" for s in share))
+          + " / ".join(f"{s:.1%}" for s in share) + guessed)
 
 
 if __name__ == "__main__":
-    run_cli({"build": build, "inspect": inspect, "show": show})
+    run_cli({"build": build, "import": import_fkd, "inspect": inspect, "show": show})
