@@ -647,6 +647,10 @@ def train(**flags):
         shares = [np.count_nonzero(category == i) / category.size for i in range(3)]
         print0(f"regions at t_low={c.t_low} t_mid={c.t_mid} t_top={c.t_top}: dropped {shares[0]:.1%}, "
                f"hard {shares[1]:.1%}, soft {shares[2]:.1%}; {len(images)} of {len(heights)} images keep one")
+        if header.get("pgt_estimated"):  # imported FKD labels keep only the top-k (labels.py import)
+            print0(f"{c.labels}: p_gt is estimated as (1 - sum of top-k) / (C - k) on "
+                   f"{header['pgt_estimated']:.1%} of regions, where the true class is not in the top-k"
+                   + ("; --kd=ferkd calibrates by it" if c.kd == "ferkd" else ""))
 
     # run directory: continue from its newest checkpoint, or start afresh
     state = open_run_dir(c, run_dir, header)

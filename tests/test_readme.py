@@ -42,7 +42,7 @@ def test_readme_usage_commands_run(tmp_path):
 
 
 @pytest.mark.parametrize("command, expect", [
-    (["kernels_triton.py"], "speed-up"),
+    (["kernels_triton.py"], "FerKD + SelfMix"),
     (["bench.py", "labels", "--images=20"], "bytes"),
     (["bench.py", "loader", "--images=300", "--epochs=2", "--batch=64"], "ratio"),
     (["bench.py", "step", "--arch=small16", "--batch=32", "--steps=2"], "ratio"),
