@@ -6,16 +6,19 @@ Benchmarks, each a ratio measured side by side in one run on the same machine (R
     python bench.py scale        # ImageNet-shaped: 1.28M images, R=300 (not part of `all`: ~8 GB, minutes)
 
 1. labels: bytes per region of our label file vs FKD's format (one torch-saved file per image, fp32 / fp16).
-2. loader: region replay, images/s: our FFCV loader vs the torchvision way (ImageFolder-style PNG files and one
-   torch-saved label file per image read per sample, crop + flip + resize, DataLoader workers).
-3. step: train-step images/s, torch.compile + bf16 autocast + channels-last vs eager fp32, same model and batch.
-4. loss: `ferkd_loss` vs FKD's dense recover-then-cross-entropy (kernels_triton.py's own benchmark).
+2. loader: region replay, images/s: our FFCV loader vs the torchvision way (ImageFolder-style PNG files and
+   one torch-saved label file per image read per sample, crop + flip + resize, DataLoader workers).
+3. step: train-step images/s, torch.compile + bf16 autocast + channels-last vs eager fp32, same model, batch.
+4. loss: `ferkd_loss` on CPU vs FKD's dense target, and on CUDA the Triton kernel (kernels_triton.py's own).
 5. scale: an ImageNet-shaped label file written as `labels.py build` writes it (a seeded generator in the
    teacher's place), then the trainer's start-up, steps and loader on it: seconds and peak resident memory.
+6. build: `labels.py build`'s crops/s against its teacher's pure forward, and its user/kernel time and page
+   faults with glibc's default allocator and with freed memory kept (`python bench.py build`).
 No timing here is asserted by a test: the machines are shared and noisy; read the ratios.
 """
 import atexit
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -41,10 +44,12 @@ def bench_labels(regions=16, k=5, images=200):
     rng = np.random.default_rng(0)
     d = scratch_dir()
     sizes = {}
-    for name, fdtype, idtype in (("FKD fp32", torch.float32, torch.int32), ("FKD fp16", torch.float16, torch.int16)):
+    for name, fdtype, idtype in (("FKD fp32", torch.float32, torch.int32),
+                                 ("FKD fp16", torch.float16, torch.int16)):
         total = raw = 0
         for i in range(images):  # FKD: per image, [coords (R,4), flip (R,), top-k probs (R,k), ids (R,k)]
-            rec = [torch.from_numpy(rng.random((regions, 4))).to(fdtype), torch.from_numpy(rng.random(regions) < .5),
+            rec = [torch.from_numpy(rng.random((regions, 4))).to(fdtype),
+                   torch.from_numpy(rng.random(regions) < .5),
                    torch.from_numpy(rng.random((regions, k))).to(fdtype),
                    torch.from_numpy(rng.integers(0, 1000, (regions, k))).to(idtype)]
             path = d / f"{name[-4:]}_{i}.pth"
@@ -61,7 +66,8 @@ def bench_labels(regions=16, k=5, images=200):
         print(f"| {name}, one torch.save file per image | {raw:.1f} | {disk:.1f} | {raw / ours:.2f}x / "
               f"{disk / ours:.1f}x |")
     print(f"| ferkd (.beton records, p_gt included) | {ours} | {ours} + {32 / regions:.0f} | 1 |")
-    print("(ferkd's on-disk cost adds FFCV's 8-byte pointer and 24-byte allocation entry per image, 32 B / R.)")
+    print("(ferkd's on-disk cost adds FFCV's 8-byte pointer and 24-byte allocation entry per image, "
+          "32 B / R.)")
 
 
 def _fashion_subset(n):
@@ -72,7 +78,8 @@ def _fashion_subset(n):
 
 
 def bench_loader(images=4000, workers=2, batch=256, regions=4, res=32, epochs=3):
-    """Images/s of region replay: FFCV + RegionCrop vs torch DataLoader over PNG files + per-image label files."""
+    """Images/s of region replay: FFCV + RegionCrop vs torch DataLoader over PNG files + per-image label
+    files."""
     import beton
     from beton import box_pixels, grid_boxes, random_boxes
     from PIL import Image
@@ -84,14 +91,16 @@ def bench_loader(images=4000, workers=2, batch=256, regions=4, res=32, epochs=3)
     boxes = grid_boxes(random_boxes(rng, np.full(N * regions, H), np.full(N * regions, W))[0], H, W)
     boxes = boxes.reshape(N, regions, 4)
     flips = rng.random((N, regions)) < 0.5
-    table = beton.pack_regions(boxes, flips, rng.integers(0, 10, (N, regions, 5)), rng.random((N, regions, 5)) / 5,
+    table = beton.pack_regions(boxes, flips, rng.integers(0, 10, (N, regions, 5)),
+                               rng.random((N, regions, 5)) / 5,
                                 rng.random((N, regions)))
     path = d / "bench.beton"
     beton.write_beton(path, ds, table)
     for i in range(N):  # the torchvision way: encoded image files and one label file per image
         Image.fromarray(ds.images[i]).save(d / f"{i}.png")
-        torch.save({"boxes": torch.from_numpy(boxes[i].astype(np.float32) / 255), "flip": torch.from_numpy(flips[i]),
-                    "probs": torch.rand(regions, 5), "ids": torch.randint(0, 10, (regions, 5))}, d / f"{i}.pth")
+        torch.save({"boxes": torch.from_numpy(boxes[i].astype(np.float32) / 255),
+                    "flip": torch.from_numpy(flips[i]), "probs": torch.rand(regions, 5),
+                    "ids": torch.randint(0, 10, (regions, 5))}, d / f"{i}.pth")
 
     class Files(torch.utils.data.Dataset):
         def __len__(self):
@@ -131,7 +140,8 @@ def bench_loader(images=4000, workers=2, batch=256, regions=4, res=32, epochs=3)
     dl = torch.utils.data.DataLoader(Files(), batch_size=batch, shuffle=True, num_workers=workers,
                                      persistent_workers=True)
     theirs = rate(lambda: dl)
-    print(f"\n2. region replay loading, {N} Fashion-MNIST images at {res} px, {workers} workers, batch {batch}")
+    print(f"\n2. region replay loading, {N} Fashion-MNIST images at {res} px, {workers} workers, "
+          f"batch {batch}")
     print("| loader | images/s |\n|---|---|")
     print(f"| FFCV + RegionCrop (ferkd) | {ours:,.0f} |\n| torch DataLoader, PNG + per-image .pth labels | "
           f"{theirs:,.0f} |\n| ratio | {ours / theirs:.1f}x |")
@@ -154,7 +164,7 @@ def bench_step(arch="small32", batch=256, res=32, steps=20, device="cpu", classe
     labels = (torch.rand(batch, 1, classes, generator=g).argsort(2)[..., :5].to(device),  # (B, 1, 5) top-5
               (w / w.sum(2, keepdim=True))[..., :5].to(device), torch.ones(batch, 1, device=device),
               torch.randint(0, classes, (batch,), generator=g).to(device),
-              torch.ones(batch, 1, device=device))                                            # p_gt, target, mix
+              torch.ones(batch, 1, device=device))                                  # p_gt, target, mix
     fkd = dict(t_low=0.0, t_mid=0.0, t_top=1.0, eps=0.0)
     out = {}
     for name, compiled, amp, cl in (("eager fp32", False, False, False),
@@ -200,6 +210,54 @@ def bench_step(arch="small32", batch=256, res=32, steps=20, device="cpu", classe
     print(f"| ratio | {b[0] / a[0]:.2f}x | |")
 
 
+def bench_build(arch="small64", regions=16, batch=255, res=16):
+    """`labels.py build` on digits (1,437 images x (R + 1) crops at `res` px) against the teacher's pure
+    forward at the same batch, resolution and memory format; and where the build's CPU time goes (user and
+    kernel seconds, minor page faults): as it runs (`beton.keep_freed_memory` at start-up), and with the
+    same malloc settings given by environment variables, as a check that the built-in ones take."""
+    import resource
+    import subprocess
+    import sys
+    import beton
+    import ferkd
+    d = scratch_dir()
+    chunk = batch // (regions + 1) * 9  # whole teacher batches: 9 per chunk, 10 chunks
+    here = Path(__file__).resolve().parent
+    run = lambda *args, env=None: subprocess.run([sys.executable, *map(str, args)], cwd=here, check=True,
+                                                 capture_output=True, text=True, env=env)
+    run("ferkd.py", "train", "--data=digits", "--kd=none", f"--arch={arch}", "--epochs=1",
+        f"--run_dir={d / 't'}")
+    torch.set_num_threads(os.cpu_count())
+    beton.keep_freed_memory()  # as labels.py build does at start-up
+    model = ferkd.build_model(arch, 10).eval().to(memory_format=torch.channels_last)  # speed: not the weights
+    x = torch.rand(batch, 3, res, res).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model(x)
+        t0, n = time.time(), 30
+        for _ in range(n):
+            model(x)
+    forward = n * batch / (time.time() - t0)
+    print(f"\n6. label build: {arch} teacher on digits at {res} px, R={regions}, {batch} crops per forward, "
+          f"fp32, {torch.get_num_threads()} threads")
+    print("| | crops/s | vs pure forward | user s | kernel s | minor faults/s |\n|---|---|---|---|---|---|")
+    print(f"| teacher's pure forward | {forward:,.0f} | 1.00 | | | |")
+    keep = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 31))
+    for name, env in (("build", None), ("build, MALLOC_*_THRESHOLD_ in the environment", keep)):
+        before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+        p = run("labels.py", "build", "--data=digits", f"--teacher={d / 't' / 'final.pt'}",
+                f"--out={d / 'l.beton'}", f"--regions={regions}", f"--batch_size={batch}", f"--chunk={chunk}",
+                f"--res={res}", "--overwrite", env=env)
+        wall, after = time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+        # per-chunk lines give the mean rate since the first batch: the rate between the first chunk's end and
+        # the last full chunk's leaves out FFCV's compile on the first batch
+        lines = re.findall(r"chunk (\d+)/\d+: ([\d.]+) images/s", p.stdout)[:-1]
+        done = [(int(c) * chunk, int(c) * chunk / float(r)) for c, r in lines]  # (images, seconds) at its end
+        rate = (done[-1][0] - done[0][0]) / (done[-1][1] - done[0][1]) * (regions + 1)
+        print(f"| {name} | {rate:,.0f} | {rate / forward:.2f} | {after.ru_utime - before.ru_utime:.1f} | "
+              f"{after.ru_stime - before.ru_stime:.1f} | "
+              f"{(after.ru_minflt - before.ru_minflt) / wall:,.0f} |")
+
+
 def bench_loss():
     import kernels_triton
     print("\n4. loss")
@@ -236,14 +294,15 @@ def memory():
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
     now = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in open("/proc/self/status")
            if line.startswith(("RssAnon", "RssFile"))}
-    return f"peak RSS {peak:,.0f} MB (now anonymous {now['RssAnon']:,.0f} MB, file-backed {now['RssFile']:,.0f} MB)"
+    return (f"peak RSS {peak:,.0f} MB (now anonymous {now['RssAnon']:,.0f} MB, "
+            f"file-backed {now['RssFile']:,.0f} MB)")
 
 
 def scale_write(path, images, regions, k=5, classes=1000, seed=0):
     """`labels.py build`'s file, minus the teacher: phase 1 (the images through the same FFCV writer, zero
-    records), phase 2's boxes and decoder plan (the same calls, same arrays), records whose top-k and p_gt come
-    from a seeded generator instead of a teacher, and phase 3 (streamed CRC, header). Prints seconds and peak
-    RSS after each phase."""
+    records), phase 2's boxes and decoder plan (the same calls, same arrays), records whose top-k and p_gt
+    come from a seeded generator instead of a teacher, and phase 3 (streamed CRC, header). Prints seconds and
+    peak RSS after each phase."""
     import beton
     N, R, D = images, regions, beton.region_bytes(k)
     rng = np.random.default_rng(seed)
@@ -254,7 +313,8 @@ def scale_write(path, images, regions, k=5, classes=1000, seed=0):
     t1 = time.time()
     print(f"ingest: {N / (t1 - t0):,.0f} images/s, {t1 - t0:.0f} s, {memory()}", flush=True)
     heights, widths = beton.image_sizes(path)
-    qboxes, flips, plan = np.zeros((N, R, 4), np.uint8), np.zeros((N, R), bool), np.zeros((N, R + 1, 5), np.int32)
+    qboxes, flips = np.zeros((N, R, 4), np.uint8), np.zeros((N, R), bool)
+    plan = np.zeros((N, R + 1, 5), np.int32)
     slots, fd = beton.region_slots(path), os.open(path, os.O_RDWR)
     for i in range(N):  # as build phase 2, with a seeded generator in the teacher's place
         qboxes[i], flips[i] = beton.seeded_regions(seed, i, R, heights[i], widths[i])
@@ -270,8 +330,9 @@ def scale_write(path, images, regions, k=5, classes=1000, seed=0):
     print(f"boxes, plan and records: {N / (t2 - t1):,.0f} images/s, {t2 - t1:.0f} s, {memory()}",
           flush=True)
     header = dict(schema=beton.SCHEMA_VERSION, dataset="synthetic", fingerprint="synthetic", images=N,
-                  classes=ds.classes, num_classes=classes, teacher=dict(kind="synthetic", name="seeded generator",
-                  checksum="", mean=beton.MEAN, std=beton.STD), temperature=1.0, k=k, regions=R, seed=seed, res=32,
+                  classes=ds.classes, num_classes=classes,
+                  teacher=dict(kind="synthetic", name="seeded generator", checksum="", mean=beton.MEAN,
+                               std=beton.STD), temperature=1.0, k=k, regions=R, seed=seed, res=32,
                   region_bytes=D, regions_crc32=beton.regions_crc32(path, R * D))
     beton.attach_header(path, header)
     t3 = time.time()
@@ -347,5 +408,5 @@ def all(images=4000):
 
 if __name__ == "__main__":
     import fire
-    fire.Fire({"all": all, "labels": bench_labels, "loader": bench_loader, "step": bench_step, "loss": bench_loss,
-               "scale": scale})
+    fire.Fire({"all": all, "labels": bench_labels, "loader": bench_loader, "step": bench_step,
+               "loss": bench_loss, "scale": scale, "build": bench_build})

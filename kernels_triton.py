@@ -75,10 +75,11 @@ def ferkd_loss_torch(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t
     a, kept = region_weights(p_gt, mix, t_low, t_top)            # (B, M) renormalized, 0 if dropped; (B, 1)
     P = topk_prob.float()                                         # (B, M, K)
     u = (1 - P.sum(2, keepdim=True)) / (C - K) if C > K else torch.zeros_like(P[..., :1])  # (B, M, 1)
-    soft = u.expand(B, M, C).scatter_add(2, topk_idx.long(), P - u)  # q_m: P on the top-k, u elsewhere
-    hard = torch.full((B, M, C), eps / (C - 1), device=logits.device)
-    hard.scatter_(2, target.long().view(B, 1, 1).expand(B, M, 1), 1 - eps)  # softened truth
-    y_m = torch.where((p_gt.float() < t_mid)[..., None], hard, soft)  # (B, M, C) dropped ones weigh 0
+    y_m = u.expand(B, M, C).scatter_add(2, topk_idx.long(), P - u)  # (B, M, C) q_m: P on the top-k, u else
+    if t_mid > t_low:                                             # hard regions: the softened truth instead
+        hard = torch.full((B, M, C), eps / (C - 1), device=logits.device)
+        hard.scatter_(2, target.long().view(B, 1, 1).expand(B, M, 1), 1 - eps)
+        y_m = torch.where((p_gt.float() < t_mid)[..., None], hard, y_m)
     y = (a[..., None] * y_m).sum(1)                               # (B, C) the row's target (0 if none kept)
     ce = -(y * torch.log_softmax(logits.float() / temperature, 1)).sum(1)
     return temperature**2 * ce.sum() / kept.sum().clamp_min(1.0)

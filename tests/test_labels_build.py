@@ -98,3 +98,31 @@ def test_full_disk_during_build_then_rerun_gives_the_same_bytes(built, reference
     p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert out.read_bytes() == reference.read_bytes()
+
+
+def test_temperature_is_stored_and_trained_with(built, reference, tmp_path):
+    """--temperature=T end to end: the header says T, the same regions (same seed and R) store the teacher's
+    T-softened probabilities (same top-1 class, a lower top-1 probability than at T=1 wherever the teacher is
+    not already uniform), and a student trains on the file and records T in its run's config."""
+    import json
+
+    import numpy as np
+    import torch
+
+    import beton
+    ckpt, _ = built
+    out = tmp_path / "t2.beton"
+    cli(*build_args(ckpt, out, "--temperature=2"))
+    header = beton.read_header(out)
+    assert header["temperature"] == 2.0
+    soft, sharp = beton.read_regions(out, header), beton.read_regions(reference, beton.read_header(reference))
+    assert np.array_equal(soft[..., :4], sharp[..., :4])  # the same boxes
+    ids_t, p_t, _, _ = beton.unpack_regions(torch.from_numpy(soft), 5)
+    ids_1, p_1, _, _ = beton.unpack_regions(torch.from_numpy(sharp), 5)
+    confident = p_1[..., 0] > 0.5
+    assert confident.float().mean() > 0.5
+    assert (ids_t[..., 0] == ids_1[..., 0])[confident].float().mean() > 0.99  # argmax kept (ties may swap)
+    assert (p_t[..., 0] < p_1[..., 0])[confident].all()
+    cli("ferkd.py", "train", "--data=digits", f"--labels={out}", "--kd=fkd", "--arch=small16", "--epochs=1",
+        "--batch_size=64", f"--run_dir={tmp_path / 'r'}")
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["label_header"]["temperature"] == 2.0

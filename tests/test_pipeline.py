@@ -292,3 +292,34 @@ def test_a_failing_loader_thread_is_an_error_not_a_hang(built, monkeypatch):
     with pytest.raises(beton.UserError, match="simulated failure"):
         for _ in beton.epoch_batches(loader, 0):
             pass
+
+
+def test_epoch_orders_of_two_seeds_are_independent():
+    """FFCV seeds its random order with seed + epoch, so seed s at epoch e + 1 is seed s + 1 at epoch e (shown
+    here on FFCV's own order); `epoch_order` hashes (seed, epoch): no epoch of seed s repeats an epoch of
+    seed s + 1. Under DDP every rank takes its share of the same permutation, padded as DistributedSampler
+    pads it, so the ranks' shares cover every image."""
+    from types import SimpleNamespace
+    from ffcv.traversal_order import Random
+    import beton
+    from torch.utils.data import DistributedSampler
+
+    def order(seed, world=1, rank=0):
+        o = Random.__new__(Random)  # FFCV's traversal state without a Loader: what epoch_order reads
+        o.seed, o.indices, o.distributed = seed, np.arange(3, 103), world > 1
+        o.sampler = DistributedSampler(o.indices, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        return o
+
+    ffcv_a, ffcv_b = order(7).sample_order(1), order(8).sample_order(0)
+    assert np.array_equal(ffcv_a, ffcv_b)  # FFCV's aliasing, which the hash removes
+    ours = {(s, e): beton.epoch_order(SimpleNamespace(traversal_order=order(s)), e) for s in (7, 8)
+            for e in range(5)}
+    assert all(sorted(v.tolist()) == list(range(3, 103)) for v in ours.values())  # a permutation each epoch
+    assert not any(np.array_equal(ours[7, e], ours[8, f]) for e in range(5) for f in range(5))
+    assert np.array_equal(ours[7, 3], beton.epoch_order(SimpleNamespace(traversal_order=order(7)), 3))
+    shares = [beton.epoch_order(SimpleNamespace(traversal_order=order(7, 3, r)), 2) for r in range(3)]
+    assert [len(s) for s in shares] == [34] * 3 and set(np.concatenate(shares).tolist()) == set(range(3, 103))
+    dealt = np.empty(102, np.int64)
+    for r in range(3):
+        dealt[r::3] = shares[r]
+    assert np.array_equal(dealt, np.resize(ours[7, 2], 102))  # the one-process order, padded and dealt out
