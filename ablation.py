@@ -4,10 +4,10 @@ The FerKD ablation on Fashion-MNIST that chooses ferkd's defaults (issue: FerKD 
     python ablation.py run      # resumable: finished runs are read back from results/ablation.jsonl
     python ablation.py table    # mean ± std per setting, from the raw results, as markdown
 
-Set-up (CPU-sized; every number is a command you can re-run): a small32 teacher trained with CE for 4 epochs on
-all 60,000 training images (88.5% test top-1; the demo's teacher); its labels with 4 regions per image, top-5;
-students small16 trained on the first 10,000 images only (a low-data student, where distillation has room to
-help), 2 crops per image, 4 epochs, 3 seeds.
+Set-up (CPU-sized; every number is a command you can re-run): a small32 teacher trained with CE for 4 epochs
+on all 60,000 training images (88.5% test top-1; the demo's teacher); its labels with 4 regions per image,
+top-5; students small16 trained on the first 10,000 images only (a low-data student, where distillation has
+room to help), 2 crops per image, 4 epochs, 3 seeds.
 Every setting trains with the same images, schedule and rows per step; CE uses fresh RandomResizedCrop
 boxes, the others replay stored regions.
 """
@@ -52,6 +52,13 @@ def sh(*args):
     return p.stdout
 
 
+def git_revision():
+    """The commit the run trained at, `-dirty` if the tree had changes: every raw row carries it."""
+    rev = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
+                         text=True)
+    return rev.stdout.strip() or "unknown"
+
+
 def done():
     if not RESULTS.exists():
         return {}
@@ -66,8 +73,8 @@ def run(settings=None, seeds=SEEDS):
     if not (teacher / "final.pt").exists():
         sh("ferkd.py", "train", "--data=fashion-mnist", *TEACHER, f"--run_dir={teacher}", "--overwrite")
     if not labels.exists():
-        sh("labels.py", "build", "--data=fashion-mnist", f"--teacher={teacher / 'final.pt'}", f"--out={labels}",
-           *LABELS)
+        sh("labels.py", "build", "--data=fashion-mnist", f"--teacher={teacher / 'final.pt'}",
+           f"--out={labels}", *LABELS)
     names = list(SETTINGS) if settings is None else [s for s in SETTINGS if s in settings]
     for seed in seeds:  # seeds outermost: an interrupted ablation still has every setting at seed 0
         for name in names:
@@ -78,9 +85,11 @@ def run(settings=None, seeds=SEEDS):
             t0 = time.time()
             out = sh("ferkd.py", "train", "--data=fashion-mnist", *STUDENT, *extra, f"--seed={seed}",
                      f"--run_dir={run_dir}", "--overwrite")
-            curve = [json.loads(line)["top1"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            row = dict(setting=name, seed=seed, flags=extra, top1=json.loads(out.strip().splitlines()[-1])["top1"],
-                       top1_per_epoch=curve, wall_s=round(time.time() - t0, 1))
+            log = (run_dir / "metrics.jsonl").read_text().splitlines()
+            curve = [json.loads(line)["top1"] for line in log]
+            top1 = json.loads(out.strip().splitlines()[-1])["top1"]
+            row = dict(setting=name, seed=seed, flags=extra, top1=top1, top1_per_epoch=curve,
+                       wall_s=round(time.time() - t0, 1), git=git_revision())
             with open(RESULTS, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"  {name} seed {seed}: top-1 {row['top1']:.2f}", flush=True)

@@ -2,8 +2,8 @@
 The label file: the data contract between `labels.py build` (writer) and `ferkd.py train` (reader).
 
 Both scripts import what they share from here, so that there is one copy of each rule: the region record
-format and its boxes, the datasets and their fingerprints, the FFCV file writer, the one decoder that replays a
-stored region (`RegionCrop`), the JSON header; and the small command-line plumbing both commands use
+format and its boxes, the datasets and their fingerprints, the FFCV file writer, the one decoder that replays
+a stored region (`RegionCrop`), the JSON header; and the small command-line plumbing both commands use
 (one-line errors, typed flags, atomic writes).
 
 File layout (schema 2). The `.beton` is a plain FFCV file with four fields per image:
@@ -136,8 +136,8 @@ def pick_device(name, local_rank=0):
 
 
 def keep_freed_memory():
-    """Tell glibc's malloc to keep large freed buffers instead of handing them back to the kernel: by default it
-    unmaps a batch's activations when they are freed and page-faults them in again for the next batch
+    """Tell glibc's malloc to keep large freed buffers instead of handing them back to the kernel: by default
+    it unmaps a batch's activations when they are freed and page-faults them in again for the next batch
     (measured in a CPU label build at 32 px: 168,000 minor faults/s, 18% of CPU time in the kernel, 1.4x
     slower; `python bench.py build --res=32`). Process-wide, so every command calls it at start-up."""
     libc = ctypes.CDLL(None)
@@ -156,7 +156,8 @@ def setup_distributed(device_name):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():  # before the loaders: FFCV's distributed order needs it
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=6))
     return rank, world, device
 
 
@@ -249,11 +250,12 @@ def unpack_regions(rec, k):
 
 
 def random_boxes(rng, heights, widths, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
-    """One RandomResizedCrop box per entry of heights/widths (n,), in the pixels of that image, by torchvision's
-    rule (`RandomResizedCrop.get_params`), vectorized: an area share in [scale] of H*W and a log-uniform aspect
-    w/h in [ratio], rounded to whole pixels, the first of `tries` draws that fits; if none fits, the centred
-    crop of the image's aspect clamped to [ratio]. The offset is uniform over the places the box fits.
-    Returns (n, 4) int64 pixel boxes (top, left, bottom, right), bottom/right exclusive, and (n,) bool flips."""
+    """One RandomResizedCrop box per entry of heights/widths (n,), in the pixels of that image, by
+    torchvision's rule (`RandomResizedCrop.get_params`), vectorized: an area share in [scale] of H*W and a
+    log-uniform aspect w/h in [ratio], rounded to whole pixels, the first of `tries` draws that fits; if none
+    fits, the centred crop of the image's aspect clamped to [ratio]. The offset is uniform over the places the
+    box fits. Returns (n, 4) int64 pixel boxes (top, left, bottom, right), bottom/right exclusive, and (n,)
+    bool flips."""
     H, W = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
     n = len(H)
     area = (H * W)[:, None] * rng.uniform(scale[0], scale[1], (n, tries))        # (n, tries) target areas
@@ -318,7 +320,8 @@ def seeded_regions(seed, i, n, height, width, scale_min=0.08):
 
 
 def region_plan(qbox, flip, heights, widths):
-    """The decoder's plan rows (..., 5) int32 for stored boxes: the box in pixels (`box_pixels`), then the flip."""
+    """The decoder's plan rows (..., 5) int32 for stored boxes: the box in pixels (`box_pixels`), then the
+    flip."""
     return np.concatenate([box_pixels(qbox, heights, widths), np.asarray(flip, np.int32)[..., None]], axis=-1)
 
 
@@ -483,7 +486,8 @@ def _store_encoded(destination, item, malloc):
 
 
 class _EncodedImages:
-    """`_encode_image` of 0, 1, 2, ... on every core, `ahead` blocks of images in flight, handed out in order."""
+    """`_encode_image` of 0, 1, 2, ... on every core, `ahead` blocks of images in flight, handed out in
+    order."""
 
     def __init__(self, n, pool, block=32, ahead=None):
         self.n, self.pool, self.block = n, pool, block
@@ -554,7 +558,7 @@ def write_beton(path, ds, regions=None, quiet=None):
 
 def _write(path, ds, regions, quiet):
     """write_beton's child process."""
-    os.setsid()  # its own process group, with its pool: ended together; a terminal's Ctrl-C goes to the parent
+    os.setsid()  # its own process group, with its pool, ended together; a terminal's Ctrl-C: the parent's
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: ends when the parent does, however it ends
     try:
         import ffcv.writer
@@ -721,14 +725,14 @@ class _Epoch(EpochIterator):
             super().run()
         except BaseException as e:  # noqa: B036 - whatever ends the thread must reach the consumer
             self.error = e
-            self.output_queue.put(None)  # the consumer's next() ends the epoch; epoch_batches raises the error
+            self.output_queue.put(None)  # the consumer's next() ends the epoch; epoch_batches raises it
 
 
 def epoch_order(loader, epoch):
     """The images of `epoch` in the order this rank reads them. FFCV seeds its random order with seed + epoch
-    (one process) or seed + epoch through DistributedSampler (DDP), so seed s at epoch e + 1 replays seed s + 1
-    at epoch e and runs of nearby seeds share their data orders (NOTES.md). Here the permutation comes from a
-    hash of (seed, epoch) (numpy's SeedSequence), the same on every rank, padded and dealt out as
+    (one process) or seed + epoch through DistributedSampler (DDP), so seed s at epoch e + 1 replays seed
+    s + 1 at epoch e and runs of nearby seeds share their data orders (NOTES.md). Here the permutation comes
+    from a hash of (seed, epoch) (numpy's SeedSequence), the same on every rank, padded and dealt out as
     DistributedSampler does (ranks take every world-th image, the first images repeat to fill the last
     round), so the epoch has FFCV's length on every rank. Sequential order is FFCV's."""
     order = loader.traversal_order
@@ -744,9 +748,9 @@ def epoch_order(loader, epoch):
 def epoch_batches(loader, epoch, skip=0):
     """FFCV's batches of `epoch`, starting after the first `skip` (a resumed epoch), as Loader.__iter__ makes
     them, plus three things it lacks: torch's thread count is kept (FFCV sets it to num_workers at every epoch
-    start, which would run a CPU step or teacher on 2 threads on any machine); a failure in the pipeline thread
-    is raised here instead of hanging; a stored image that does not decode stops the epoch before its batch is
-    handed out, naming the image. The order is `epoch_order`'s; skipped images are not decoded."""
+    start, which would run a CPU step or teacher on 2 threads on any machine); a failure in the pipeline
+    thread is raised here instead of hanging; a stored image that does not decode stops the epoch before its
+    batch is handed out, naming the image. The order is `epoch_order`'s; skipped images are not decoded."""
     from ffcv.pipeline.compiler import Compiler
     threads = torch.get_num_threads()
     Compiler.set_num_threads(loader.num_workers)  # as __iter__ does (it also sets torch's thread count)
@@ -860,9 +864,10 @@ def region_slots(path):
 
 
 def region_blocks(path, nbytes, slots=None):
-    """Each image's nbytes of region records, in image order, read into one reused buffer (copy what you keep).
-    Plain reads, not a memory map: a pass over the table maps no file pages into this process (they would count
-    in its resident memory) and holds no per-region index or copy. A short read leaves zeros: the CRC fails."""
+    """Each image's nbytes of region records, in image order, read into one reused buffer (copy what you
+    keep). Plain reads, not a memory map: a pass over the table maps no file pages into this process (they
+    would count in its resident memory) and holds no per-region index or copy. A short read leaves zeros: the
+    CRC fails."""
     buf = np.zeros(nbytes, np.uint8)
     with open(path, "rb", buffering=0) as f:
         for s in region_slots(path) if slots is None else slots:

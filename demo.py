@@ -1,8 +1,8 @@
 """
 The whole method on Fashion-MNIST (real data, offline), on a CPU in about ten minutes:
 
-    1. train a teacher (cross-entropy, RandomResizedCrop)         python ferkd.py train --kd=none --arch=small32
-    2. build its region labels                                    python labels.py build --regions=4
+    1. train a teacher (cross-entropy, RandomResizedCrop)      python ferkd.py train --kd=none --arch=small32
+    2. build its region labels                                 python labels.py build --regions=4
     3. train two students of the same small architecture for the same epochs and data order:
        cross-entropy (CE) and FKD (stored soft labels, no teacher forward)
     4. print teacher / CE / FKD top-1 and wall time.
