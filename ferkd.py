@@ -17,12 +17,16 @@ The final line printed is a JSON object of the final metrics; `RUN_DIR/final.pt`
 Checkpoints (`RUN_DIR/ckpt-STEP.pt`, every --ckpt_every steps and each epoch) resume bit-exactly on CPU:
 re-run the same command, or add --resume to insist on it.
 """
+import csv
 import dataclasses
+import importlib.metadata
 import io
 import itertools
 import json
 import math
 import os
+import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -33,14 +37,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from tqdm import tqdm
 
-from beton import (DATASETS, UserError, atomic_write, center_boxes, dataset_beton, epoch_batches, grid_boxes,
+from beton import (MEAN, STD, UserError, atomic_write, center_boxes, dataset_beton, epoch_batches, grid_boxes,
                    image_sizes, load_dataset, parse_config, print0, random_boxes, read_header, read_regions,
                    region_loader, region_plan, run_cli, setup_distributed, to_model_input, unpack_regions,
                    whole_image_plan)
 from kernels_triton import ferkd_loss, region_category
+from models import (ARCHS, CHUNK_IMAGES, FERKD_DEFAULTS, build_model, check_thresholds, checkpoint_res,
+                    load_checkpoint, region_categories, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -91,11 +96,7 @@ class TrainConfig:
                 object.__setattr__(self, name, value)
 
 
-# --kd=ferkd's default thresholds, chosen by ablation.py (README, Results): dropping the regions the teacher
-# finds hopeless (p_gt < 0.02) or trivial (p_gt > 0.995) matched FKD, 82.36 +- 0.16 vs 82.26 +- 0.60 top-1
-# over 3 seeds; retraining hard regions on softened truth (t_mid > t_low) lost 1.2 points there, so the
-# default keeps t_mid = t_low (no hard regions). Other teachers and schedules may want other values.
-FERKD_DEFAULTS = dict(t_low=0.02, t_mid=0.02, t_top=0.995)
+# --kd=ferkd's default thresholds are FERKD_DEFAULTS (models.py, where `labels.py show` reads them too)
 NEUTRAL = dict(t_low=0.0, t_mid=0.0, t_top=1.0)  # every region kept as the teacher labelled it: FKD
 
 
@@ -104,14 +105,6 @@ NEUTRAL = dict(t_low=0.0, t_mid=0.0, t_top=1.0)  # every region kept as the teac
 RESUME_HARMLESS = {"run_dir", "num_workers", "device", "compile", "ckpt_every", "keep_ckpts", "resume",
                    "overwrite", "tensorboard"}
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def check_thresholds(t_low, t_mid, t_top):
-    """FerKD's bands must nest: 0 <= t_low <= t_mid <= t_top <= 1 (dropped < t_low <= hard < t_mid <= soft
-    <= t_top < dropped); t_mid > t_top would silently drop regions meant to be hard, including mixed ones."""
-    if not 0 <= t_low <= t_mid <= t_top <= 1:
-        raise UserError(f"FerKD thresholds need 0 <= t_low <= t_mid <= t_top <= 1; "
-                        f"got t_low={t_low} t_mid={t_mid} t_top={t_top}")
 
 
 def check_config(c):
@@ -151,87 +144,7 @@ def use_compile(c, device):
     return device.type == "cuda" if c.compile.lower() == "auto" else BOOL_WORDS[c.compile.lower()]
 
 # -----------------------------------------------------------------------------
-# Models and checkpoints
-
-def small_resnet(width, num_classes):
-    """A three-stage ResNet for 16-32 px images (CIFAR-style stem, one basic block per stage)."""
-    from torchvision.models.resnet import BasicBlock
-
-    def down(cin, cout):
-        return nn.Sequential(nn.Conv2d(cin, cout, 1, 2, bias=False), nn.BatchNorm2d(cout))
-    w = width
-    return nn.Sequential(
-        nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-        BasicBlock(w, w), BasicBlock(w, 2 * w, 2, down(w, 2 * w)),
-        BasicBlock(2 * w, 4 * w, 2, down(2 * w, 4 * w)),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes))
-
-
-ARCHS = {  # an allow-list: checkpoints name their architecture, never code to import
-    "small16": lambda c: small_resnet(16, c), "small32": lambda c: small_resnet(32, c),
-    "small64": lambda c: small_resnet(64, c),
-    "resnet18": lambda c: torchvision.models.resnet18(num_classes=c),
-    "resnet34": lambda c: torchvision.models.resnet34(num_classes=c),
-    "resnet50": lambda c: torchvision.models.resnet50(num_classes=c),
-}
-
-
-def build_model(arch, num_classes):
-    return ARCHS[arch](num_classes)
-
-
-def save_checkpoint(path, state):
-    """`state` holds at least model, config (with arch) and classes: what `load_checkpoint` needs.
-    Serialized in memory first: torch.save into a file reports a full disk as an opaque RuntimeError from its
-    zip writer, a plain write as the OSError the user can act on."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
-
-
-def load_checkpoint(path, arch=None):
-    """(model, checkpoint dict) from a file written by `save_checkpoint`; loads tensors only (no pickles).
-    With `arch`, a checkpoint of another architecture is refused."""
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        ckpt_arch = ckpt["config"]["arch"]
-    except Exception as e:  # torch raises many types for a damaged file
-        raise UserError(f"{path} is not a readable ferkd checkpoint ({type(e).__name__})") from None
-    if ckpt_arch not in ARCHS:
-        raise UserError(f"{path} names unknown architecture {ckpt_arch!r}")
-    if arch is not None and arch != ckpt_arch:
-        raise UserError(f"{path} holds a {ckpt_arch} model, not --arch={arch}")
-    model = build_model(ckpt_arch, len(ckpt["classes"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:  # its message lists every mismatched tensor: one line is enough
-        raise UserError(f"{path}: its weights do not fit architecture {ckpt_arch} with "
-                        f"{len(ckpt['classes'])} classes") from None
-    return model, ckpt
-
-
-def checkpoint_res(ckpt):
-    """The input resolution a checkpoint was trained at (older checkpoints did not store it)."""
-    data = ckpt["config"]["data"]
-    return ckpt.get("res") or ckpt["config"].get("res") or DATASETS.get(data, dict(res=224))["res"]
-
-# -----------------------------------------------------------------------------
 # Data: which regions each epoch replays, and the targets the loss sees
-
-CHUNK_IMAGES = 8192  # passes over the region table go this many images at a time: bounded temporaries
-
-
-def region_categories(table, k, t_low, t_mid, t_top):
-    """FerKD's category of every stored region, (N, R) int8: 0 dropped, 1 hard, 2 soft (region_category on
-    the stored p_gt byte), computed a chunk of images at a time."""
-    cat = np.empty(table.shape[:2], np.int8)
-    for s in range(0, len(table), CHUNK_IMAGES):
-        pgt = torch.from_numpy(table[s:s + CHUNK_IMAGES, :, 4 + 3 * k]).float() / 255  # as unpack_regions
-        cat[s:s + CHUNK_IMAGES] = region_category(pgt, t_low, t_mid, t_top).numpy()
-    return cat
-
 
 def region_plans(c, header, table, heights, widths):
     """Returns (plan, fill(epoch) -> choice, kept image indices, region categories (N, R) or None).
@@ -353,33 +266,33 @@ def mix_batch(c, generator):
     of the same image; `--mix_source=batch` takes it from another image instead (ordinary CutMix/Mixup).
     Returns mix(x) -> (x, partner (rows,), share (rows,)): share is the exact fraction of the row that is its
     own region (the pasted area for cutmix), so labels mix by area. Vectorized on the device."""
-    def none(x, n):
-        rows = torch.arange(len(x), device=x.device)
-        return x, rows, torch.ones(len(x), device=x.device)
+    def none(x, n):  # every row its own partner, all of it its own region
+        row = torch.arange(len(x), device=x.device)
+        return x, row, torch.ones(len(x), device=x.device)
 
     def mix(x, n):
-        R, _, H, W = x.shape
-        rows = torch.arange(R, device=x.device)
+        rows, _, H, W = x.shape
+        row = torch.arange(rows, device=x.device)
         if c.mix_source == "self":  # row (b, j) takes region (b, j+1 mod n)
-            partner = (rows // n) * n + (rows % n + 1) % n
+            partner = (row // n) * n + (row % n + 1) % n
         else:  # row (b, j) takes the same crop of the next image in the batch
-            partner = (rows + n) % R
-        u = torch.rand(R, device=x.device, generator=generator)
-        lam = sample_beta(c.mix_alpha, R, generator, x.device)
-        on = torch.rand(R, device=x.device, generator=generator) < c.mix_prob
+            partner = (row + n) % rows
+        u = torch.rand(rows, device=x.device, generator=generator)
+        lam = sample_beta(c.mix_alpha, rows, generator, x.device)
+        on = torch.rand(rows, device=x.device, generator=generator) < c.mix_prob
         if c.mix == "mixup":
             share = torch.where(on, lam, torch.ones_like(lam))
-            x = share.view(R, 1, 1, 1) * x + (1 - share.view(R, 1, 1, 1)) * x[partner]
+            x = share.view(rows, 1, 1, 1) * x + (1 - share.view(rows, 1, 1, 1)) * x[partner]
             return x, partner, share
         # cutmix: a box of area ~ (1 - lam) centred uniformly, clipped to the image
         cut = torch.sqrt(1 - lam)
-        cy, cx = torch.rand(R, device=x.device, generator=generator) * H, u * W
+        cy, cx = torch.rand(rows, device=x.device, generator=generator) * H, u * W
         y0, y1 = (cy - cut * H / 2).clamp(0, H).round(), (cy + cut * H / 2).clamp(0, H).round()
         x0, x1 = (cx - cut * W / 2).clamp(0, W).round(), (cx + cut * W / 2).clamp(0, W).round()
         ys = torch.arange(H, device=x.device).view(1, H, 1)
         xs = torch.arange(W, device=x.device).view(1, 1, W)
-        inside = (ys >= y0.view(R, 1, 1)) & (ys < y1.view(R, 1, 1)) & (xs >= x0.view(R, 1, 1)) \
-            & (xs < x1.view(R, 1, 1)) & on.view(R, 1, 1)
+        inside = (ys >= y0.view(rows, 1, 1)) & (ys < y1.view(rows, 1, 1)) & (xs >= x0.view(rows, 1, 1)) \
+            & (xs < x1.view(rows, 1, 1)) & on.view(rows, 1, 1)
         x = torch.where(inside[:, None], x[partner], x)
         share = 1 - inside.flatten(1).float().mean(1)
         return x, partner, share
@@ -487,9 +400,6 @@ def config_differences(saved, config, header, saved_header):
 
 def run_metadata(device):
     """What reproducing a run needs besides its config: library versions, git revision, device."""
-    import importlib.metadata
-    import platform
-    import subprocess
     versions = {"python": platform.python_version()}
     for name in ("torch", "torchvision", "numpy", "ffcv", "numba", "triton", "fire"):
         try:
@@ -516,8 +426,6 @@ def run_metadata(device):
 def write_metrics(run_dir, history):
     """metrics.jsonl and metrics.csv, rewritten whole from the checkpointed history at each epoch end: a run
     resumed from a checkpoint drops the epochs a kill lost with it instead of logging them twice."""
-    import csv
-    import io
     atomic_write(run_dir / "metrics.jsonl", lambda p: p.write_text("".join(json.dumps(m) + "\n"
                                                                            for m in history)))
     columns = list(dict.fromkeys(k for m in history for k in m))
@@ -673,7 +581,10 @@ def train(**flags):
                                 weight_decay=c.weight_decay)
     amp_dtype = amp_dtype_for(device, c.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    generator = torch.Generator(device).manual_seed(c.seed + 1000 * rank)
+    # SelfMix's stream: a hash of (seed, rank), since c.seed + 1000 * rank made seed s on rank 1 seed s + 1000
+    # on rank 0 (resume restores its state from the checkpoint)
+    mix_seed = int(np.random.SeedSequence([c.seed, rank]).generate_state(1)[0])
+    generator = torch.Generator(device).manual_seed(mix_seed)
     step, history, epoch_losses, t_train = 0, [], [], 0.0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -834,7 +745,6 @@ def export(**flags):
         raise UserError(f"{c.out} exists; pass --overwrite to replace it")
     if not Path(c.out).resolve().parent.is_dir():
         raise UserError(f"output directory {Path(c.out).parent} does not exist")
-    from beton import MEAN, STD
     model, ckpt = load_checkpoint(c.ckpt)
     model.eval()
     res = checkpoint_res(ckpt)
@@ -868,7 +778,7 @@ def plot(*run_dirs, **flags):
             raise UserError(f"{log} holds no finished epoch yet")
         cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
         runs.append((f"{d.name} ({cfg.get('kd', '?')}, {cfg.get('arch', '?')})", rows))
-    import matplotlib
+    import matplotlib  # imported here: only this command draws
     import matplotlib.ticker
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt

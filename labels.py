@@ -35,12 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
 
 from beton import (MEAN, SCHEMA_VERSION, STD, UserError, alloc_table_ptr, atomic_write, attach_header, barrier,
                    box_pixels, epoch_batches, grid_boxes, image_sizes, load_dataset, on_all_ranks, on_rank0,
                    pack_regions, parse_config, print0, read_header, read_regions, region_bytes, region_loader,
                    region_plan, region_slots, regions_crc32, run_cli, seeded_regions, set_alloc_table,
                    setup_distributed, to_model_input, unpack_regions, whole_image_plan, write_beton)
+from models import CHUNK_IMAGES, FERKD_DEFAULTS, check_thresholds, load_checkpoint, region_categories
 
 # -----------------------------------------------------------------------------
 # Teachers
@@ -74,7 +77,7 @@ def _read_weights(path):
         raise UserError(f"teacher weights {path} not found")
     try:
         if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # here: only .safetensors weights need it (timm's)
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch and safetensors raise many types for a damaged or foreign file
@@ -103,7 +106,6 @@ def load_teacher(spec):
     name, _, weights_file = rest.partition("@")
     mean, std = MEAN, STD
     if kind == "torchvision":
-        import torchvision
         if name not in TORCHVISION_TEACHERS:
             raise UserError(f"teacher {name!r} not supported; "
                             f"choose one of {', '.join(TORCHVISION_TEACHERS)}")
@@ -121,7 +123,7 @@ def load_teacher(spec):
             model = getattr(torchvision.models, name)(weights=weights)
             checksum = str(weights)
     elif kind == "timm":
-        import timm
+        import timm  # here: an optional dependency, needed only for timm teachers
         if not timm.is_model(name):
             raise UserError(f"timm has no model {name!r} (see timm.list_models())")
         if weights_file:
@@ -136,7 +138,6 @@ def load_teacher(spec):
         config = timm.data.resolve_model_data_config(model)
         mean, std = tuple(config["mean"]), tuple(config["std"])
     else:
-        from ferkd import load_checkpoint
         model, ckpt = load_checkpoint(spec)
         name, checksum = ckpt["config"]["arch"], file_sha256(spec)
     return model.eval(), dict(kind=kind, name=name, checksum=checksum, mean=mean, std=std)
@@ -265,7 +266,6 @@ def label_chunks(c, model, teacher_id, device, partial, state, todo, chunk, rank
     """Phase 2 on this rank's unfinished chunks: each image's region boxes and flips, a function of (seed, image
     index) only, in the pixels of the stored image; the teacher on every region and on the whole image, decoded
     by the student's own decoder; the records written into the file, then the chunk marked done."""
-    from tqdm import tqdm
     heights, widths = image_sizes(partial)
     N, R, k = len(heights), c.regions, c.k
     n_chunks = -(-N // chunk)
@@ -654,7 +654,6 @@ def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-    from ferkd import CHUNK_IMAGES, FERKD_DEFAULTS, check_thresholds, region_categories
     t = {}
     for name, v in (("t_low", t_low), ("t_mid", t_mid), ("t_top", t_top)):
         v = FERKD_DEFAULTS[name] if v is None else v

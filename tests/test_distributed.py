@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 import beton
 import ferkd
+import models
 
 rank, world, device = ferkd.setup_distributed("cpu")
 label_file = sys.argv[1]
@@ -91,7 +92,7 @@ choice = fill(0)
 
 def run(mode, ddp):
     torch.manual_seed(0)
-    model = ferkd.build_model("small16", 10).to(memory_format=torch.channels_last)
+    model = models.build_model("small16", 10).to(memory_format=torch.channels_last)
     model.eval()  # BatchNorm on running statistics: every row's loss depends on that row alone
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-5)
     scaler = torch.amp.GradScaler("cpu", enabled=False)

@@ -52,11 +52,11 @@ def test_loader_replays_stored_boxes_pixel_exact(built, device):
 
 def test_stored_labels_match_teacher_recomputed(built):
     """Each stored region equals the teacher re-run on an independently cropped region, within quantization."""
-    import ferkd
+    import models
     import beton
     ckpt, path = built
     _, table, ds = stored(path)
-    model, _ = ferkd.load_checkpoint(ckpt)
+    model, _ = models.load_checkpoint(ckpt)
     model.eval()
     ids, probs, pgt, flip = beton.unpack_regions(torch.from_numpy(table), K)
     n = 200

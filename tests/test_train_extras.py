@@ -115,11 +115,11 @@ def test_overflowed_batchnorm_statistics_stop_the_run():
         ferkd.finite_losses([torch.tensor(1.0)], 5, model, "ckpt-4.pt")
 
 def test_checkpoint_of_another_architecture_is_refused(built, tmp_path):
-    import ferkd
+    import models
     from beton import UserError
     teacher, _ = built
     with pytest.raises(UserError, match="holds a small32 model, not --arch=small16"):
-        ferkd.load_checkpoint(teacher, arch="small16")
+        models.load_checkpoint(teacher, arch="small16")
     ckpt = torch.load(teacher, weights_only=True)
     ckpt["config"]["arch"] = "resnet18"  # a file that claims another architecture than its weights
     torch.save(ckpt, tmp_path / "bad.pt")
@@ -138,12 +138,12 @@ def test_eval_command_matches_training_metrics(built):
 
 
 def test_export_loads_and_predicts_like_the_checkpoint(built, tmp_path):
-    import ferkd
+    import models
     teacher, _ = built
     out = tmp_path / "model.pt2"
     cli("ferkd.py", "export", f"--ckpt={teacher}", f"--out={out}")
     program = torch.export.load(str(out))
-    model, _ = ferkd.load_checkpoint(teacher)
+    model, _ = models.load_checkpoint(teacher)
     model.eval()
     for n in (1, 5):  # the batch dimension is dynamic
         x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(n))
