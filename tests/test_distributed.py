@@ -37,7 +37,8 @@ def test_torchrun_two_processes_train(built, tmp_path, kd):
     cwd = tmp_path / "cwd"  # a fresh data/ folder: the dataset caches are written in this run
     cwd.mkdir()
     p = torchrun(ROOT / "ferkd.py", "train", "--data=digits", f"--kd={kd}", "--arch=small16", "--epochs=3",
-                 "--batch_size=64", "--device=cpu", "--num_workers=1", f"--run_dir={tmp_path}", *extra, cwd=cwd)
+                 "--batch_size=64", "--device=cpu", "--num_workers=1", f"--run_dir={tmp_path}", *extra,
+                 cwd=cwd)
     # one rank writes each cache while the other waits (two writers of one file would race)
     assert p.stdout.count("caching the test split") == 1, p.stdout
     assert p.stdout.count("caching the train split") == (kd == "none"), p.stdout
