@@ -173,8 +173,8 @@ def bench_step(arch="small32", batch=256, res=32, steps=20, device="cpu", classe
         if arch.startswith("resnet"):
             model = getattr(torchvision.models, arch)(num_classes=classes)
         else:
-            import ferkd
-            model = ferkd.build_model(arch, classes)
+            import models
+            model = models.build_model(arch, classes)
         fmt = torch.channels_last if cl else torch.contiguous_format
         model = model.to(device, memory_format=fmt)
         if compiled:
@@ -345,6 +345,7 @@ def scale_train(path, steps=300, batch=256, crops=1, workers=2):
     plan, the loader), then `steps` FKD steps of small16 at 32 px, then loader rows/s alone."""
     import beton
     import ferkd
+    import models
     t0 = time.time()
     header = beton.read_header(path)
     table = beton.read_regions(path, header)
@@ -360,7 +361,7 @@ def scale_train(path, steps=300, batch=256, crops=1, workers=2):
     if not steps:
         return
     device = torch.device("cpu")
-    model = ferkd.build_model("small16", header["num_classes"]).to(memory_format=torch.channels_last)
+    model = models.build_model("small16", header["num_classes"]).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     step = ferkd.make_train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False),
                                  ferkd.kd_loss(c, table, header), ferkd.mix_batch(c, None), torch.bfloat16,

@@ -17,12 +17,16 @@ The final line printed is a JSON object of the final metrics; `RUN_DIR/final.pt`
 Checkpoints (`RUN_DIR/ckpt-STEP.pt`, every --ckpt_every steps and each epoch) resume bit-exactly on CPU:
 re-run the same command, or add --resume to insist on it.
 """
+import csv
 import dataclasses
+import importlib.metadata
 import io
 import itertools
 import json
 import math
 import os
+import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -33,14 +37,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from tqdm import tqdm
 
-from beton import (DATASETS, UserError, atomic_write, center_boxes, dataset_beton, epoch_batches, grid_boxes,
+from beton import (MEAN, STD, UserError, atomic_write, center_boxes, dataset_beton, epoch_batches, grid_boxes,
                    image_sizes, load_dataset, parse_config, print0, random_boxes, read_header, read_regions,
                    region_loader, region_plan, run_cli, setup_distributed, to_model_input, unpack_regions,
                    whole_image_plan)
 from kernels_triton import ferkd_loss, region_category
+from models import (ARCHS, CHUNK_IMAGES, FERKD_DEFAULTS, build_model, check_thresholds, checkpoint_res,
+                    load_checkpoint, region_categories, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -50,7 +55,7 @@ class TrainConfig:
     data: str = "fashion-mnist"   # digits | fashion-mnist | imagefolder:/path (test split for evaluation)
     labels: str = ""              # label file from `labels.py build` (kd=fkd|ferkd)
     kd: str = "none"              # none: CE baseline | fkd: stored soft labels | ferkd: + calibration
-    arch: str = "small32"         # see ARCHS
+    arch: str = "small32"         # see models.ARCHS
     epochs: int = 5
     batch_size: int = 256         # images per optimizer step, all processes together
     crops: int = 1                # regions decoded per image per step (FKD's num_crops); rows: batch*crops
@@ -61,7 +66,7 @@ class TrainConfig:
     label_smoothing: float = 0.1  # kd=none only
     res: int = 0                  # training resolution; 0: the label file's, or the dataset default
     scale_min: float = 0.08       # kd=none RandomResizedCrop area range (labels fix it for fkd/ferkd)
-    t_low: float = -1.0           # FerKD: regions with p_gt < t_low are dropped         (-1: see FERKD_DEFAULTS)
+    t_low: float = -1.0           # FerKD: regions with p_gt < t_low are dropped  (-1: see FERKD_DEFAULTS)
     t_mid: float = -1.0           # FerKD: t_low <= p_gt < t_mid is a hard region, trained on softened truth
     t_top: float = -1.0           # FerKD: regions with p_gt > t_top are dropped
     eps: float = 0.1              # FerKD: smoothing of hard regions' ground truth
@@ -91,11 +96,7 @@ class TrainConfig:
                 object.__setattr__(self, name, value)
 
 
-# --kd=ferkd's default thresholds, chosen by ablation.py (README, Results): dropping the regions the teacher
-# finds hopeless (p_gt < 0.02) or trivial (p_gt > 0.995) matched FKD, 82.36 +- 0.16 vs 82.26 +- 0.60 top-1
-# over 3 seeds; retraining hard regions on softened truth (t_mid > t_low) lost 1.2 points there, so the
-# default keeps t_mid = t_low (no hard regions). Other teachers and schedules may want other values.
-FERKD_DEFAULTS = dict(t_low=0.02, t_mid=0.02, t_top=0.995)
+# --kd=ferkd's default thresholds are FERKD_DEFAULTS (models.py, where `labels.py show` reads them too)
 NEUTRAL = dict(t_low=0.0, t_mid=0.0, t_top=1.0)  # every region kept as the teacher labelled it: FKD
 
 
@@ -104,14 +105,6 @@ NEUTRAL = dict(t_low=0.0, t_mid=0.0, t_top=1.0)  # every region kept as the teac
 RESUME_HARMLESS = {"run_dir", "num_workers", "device", "compile", "ckpt_every", "keep_ckpts", "resume",
                    "overwrite", "tensorboard"}
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def check_thresholds(t_low, t_mid, t_top):
-    """FerKD's bands must nest: 0 <= t_low <= t_mid <= t_top <= 1 (dropped < t_low <= hard < t_mid <= soft
-    <= t_top < dropped); t_mid > t_top would silently drop regions meant to be hard, including mixed ones."""
-    if not 0 <= t_low <= t_mid <= t_top <= 1:
-        raise UserError(f"FerKD thresholds need 0 <= t_low <= t_mid <= t_top <= 1; "
-                        f"got t_low={t_low} t_mid={t_mid} t_top={t_top}")
 
 
 def check_config(c):
@@ -151,93 +144,14 @@ def use_compile(c, device):
     return device.type == "cuda" if c.compile.lower() == "auto" else BOOL_WORDS[c.compile.lower()]
 
 # -----------------------------------------------------------------------------
-# Models and checkpoints
-
-def small_resnet(width, num_classes):
-    """A three-stage ResNet for 16-32 px images (CIFAR-style stem, one basic block per stage)."""
-    from torchvision.models.resnet import BasicBlock
-
-    def down(cin, cout):
-        return nn.Sequential(nn.Conv2d(cin, cout, 1, 2, bias=False), nn.BatchNorm2d(cout))
-    w = width
-    return nn.Sequential(
-        nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-        BasicBlock(w, w), BasicBlock(w, 2 * w, 2, down(w, 2 * w)),
-        BasicBlock(2 * w, 4 * w, 2, down(2 * w, 4 * w)),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes))
-
-
-ARCHS = {  # an allow-list: checkpoints name their architecture, never code to import
-    "small16": lambda c: small_resnet(16, c), "small32": lambda c: small_resnet(32, c),
-    "small64": lambda c: small_resnet(64, c),
-    "resnet18": lambda c: torchvision.models.resnet18(num_classes=c),
-    "resnet34": lambda c: torchvision.models.resnet34(num_classes=c),
-    "resnet50": lambda c: torchvision.models.resnet50(num_classes=c),
-}
-
-
-def build_model(arch, num_classes):
-    return ARCHS[arch](num_classes)
-
-
-def save_checkpoint(path, state):
-    """`state` holds at least model, config (with arch) and classes: what `load_checkpoint` needs.
-    Serialized in memory first: torch.save into a file reports a full disk as an opaque RuntimeError from its
-    zip writer, a plain write as the OSError the user can act on."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
-
-
-def load_checkpoint(path, arch=None):
-    """(model, checkpoint dict) from a file written by `save_checkpoint`; loads tensors only (no pickles).
-    With `arch`, a checkpoint of another architecture is refused."""
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        ckpt_arch = ckpt["config"]["arch"]
-    except Exception as e:  # torch raises many types for a damaged file
-        raise UserError(f"{path} is not a readable ferkd checkpoint ({type(e).__name__})") from None
-    if ckpt_arch not in ARCHS:
-        raise UserError(f"{path} names unknown architecture {ckpt_arch!r}")
-    if arch is not None and arch != ckpt_arch:
-        raise UserError(f"{path} holds a {ckpt_arch} model, not --arch={arch}")
-    model = build_model(ckpt_arch, len(ckpt["classes"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:  # its message lists every mismatched tensor: one line is enough
-        raise UserError(f"{path}: its weights do not fit architecture {ckpt_arch} with "
-                        f"{len(ckpt['classes'])} classes") from None
-    return model, ckpt
-
-
-def checkpoint_res(ckpt):
-    """The input resolution a checkpoint was trained at (older checkpoints did not store it)."""
-    data = ckpt["config"]["data"]
-    return ckpt.get("res") or ckpt["config"].get("res") or DATASETS.get(data, dict(res=224))["res"]
-
-# -----------------------------------------------------------------------------
 # Data: which regions each epoch replays, and the targets the loss sees
-
-CHUNK_IMAGES = 8192  # passes over the region table go this many images at a time: bounded temporaries
-
-
-def region_categories(table, k, t_low, t_mid, t_top):
-    """FerKD's category of every stored region, (N, R) int8: 0 dropped, 1 hard, 2 soft (region_category on
-    the stored p_gt byte), computed a chunk of images at a time."""
-    cat = np.empty(table.shape[:2], np.int8)
-    for s in range(0, len(table), CHUNK_IMAGES):
-        pgt = torch.from_numpy(table[s:s + CHUNK_IMAGES, :, 4 + 3 * k]).float() / 255  # as unpack_regions
-        cat[s:s + CHUNK_IMAGES] = region_category(pgt, t_low, t_mid, t_top).numpy()
-    return cat
-
 
 def region_plans(c, header, table, heights, widths):
     """Returns (plan, fill(epoch) -> choice, kept image indices, region categories (N, R) or None).
-    `fill` writes the epoch's pixel boxes into the decoder's plan (N, crops, 5) in place and returns the region
-    chosen for each (image, crop), or None. Chosen once per run, so the step never branches on the mode.
-    Every per-region array is uint8/int8 (the table, the categories); wider temporaries are per chunk."""
+    `fill` writes the epoch's pixel boxes into the decoder's plan (N, crops, 5) in place and returns the
+    region chosen for each (image, crop), or None. Chosen once per run, so the step never branches on the
+    mode. Every per-region array is uint8/int8 (the table, the categories); wider temporaries are per
+    chunk."""
     N = len(heights)
     plan = np.zeros((N, c.crops, 5), np.int32)
     if c.kd == "none":  # fresh RandomResizedCrop boxes every epoch, by the label builder's rule and grid
@@ -253,7 +167,7 @@ def region_plans(c, header, table, heights, widths):
     R, k = header["regions"], header["k"]
     cat = region_categories(table, k, c.t_low, c.t_mid, c.t_top)
     count = (cat > 0).sum(1)  # FerKD: dropped regions are never replayed
-    images = np.flatnonzero(count > 0)
+    kept_images = np.flatnonzero(count > 0)
 
     def fill(epoch):
         # kept regions first in a random order per image, then crop j takes the ((start + j) mod count)-th:
@@ -263,13 +177,14 @@ def region_plans(c, header, table, heights, widths):
             e = min(N, s + CHUNK_IMAGES)
             rng = np.random.default_rng([c.seed, epoch, s])
             order = np.argsort(np.where(cat[s:e] > 0, rng.random((e - s, R)), 2.0), axis=1)
-            pos = (rng.integers(0, R, e - s)[:, None] + np.arange(c.crops)) % np.maximum(count[s:e], 1)[:, None]
+            start = rng.integers(0, R, e - s)[:, None]
+            pos = (start + np.arange(c.crops)) % np.maximum(count[s:e], 1)[:, None]
             choice[s:e] = np.take_along_axis(order, pos, axis=1)             # (n, crops)
             rec = table[np.arange(s, e)[:, None], choice[s:e]]                # (n, crops, D)
             flip = unpack_regions(torch.from_numpy(rec), k)[3].numpy()
             plan[s:e] = region_plan(rec[..., :4], flip, heights[s:e, None], widths[s:e, None])
         return torch.from_numpy(choice)
-    return plan, fill, images, cat
+    return plan, fill, kept_images, cat
 
 
 def ce_loss(label_smoothing):
@@ -322,11 +237,12 @@ def as_soft_label(ids, probs, pgt, truth, C, c):
 
 
 def sample_beta(alpha, n, generator, device, rounds=16):
-    """n draws of Beta(alpha, alpha) from the run's `generator`, made on `device` (no host copy, no sync): X / (X + Y)
-    with X, Y ~ Gamma(alpha) by Marsaglia and Tsang's method (ACM TOMS 26(3), 2000), vectorized over a fixed number
-    of rounds. Each round accepts > 95% of the draws still pending when the shape is >= 1, so one still pending
-    after 16 rounds (probability < 1e-20) takes the mode d. Shapes below 1 use Gamma(a) = Gamma(a + 1) U^(1/a).
-    (torch.distributions.Beta takes no generator: it drew from the global stream and was copied to the device.)"""
+    """n draws of Beta(alpha, alpha) from the run's `generator`, made on `device` (no host copy, no sync):
+    X / (X + Y) with X, Y ~ Gamma(alpha) by Marsaglia and Tsang's method (ACM TOMS 26(3), 2000), vectorized
+    over a fixed number of rounds. Each round accepts > 95% of the draws still pending when the shape is >= 1,
+    so one still pending after 16 rounds (probability < 1e-20) takes the mode d. Shapes below 1 use
+    Gamma(a) = Gamma(a + 1) U^(1/a). (torch.distributions.Beta takes no generator: it drew from the global
+    stream and was copied to the device.)"""
     a = alpha + 1 if alpha < 1 else alpha
     d = a - 1 / 3
     c = 1 / math.sqrt(9 * d)
@@ -338,7 +254,8 @@ def sample_beta(alpha, n, generator, device, rounds=16):
             x = torch.randn(n, generator=generator, device=device)
             u = torch.rand(n, generator=generator, device=device)
             v = (1 + c * x) ** 3
-            ok = pending & (v > 0) & (torch.log(u) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-30)))
+            log_accept = 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-30))
+            ok = pending & (v > 0) & (torch.log(u) < log_accept)
             out = torch.where(ok, d * v, out)
             pending &= ~ok
         if alpha < 1:
@@ -353,33 +270,33 @@ def mix_batch(c, generator):
     of the same image; `--mix_source=batch` takes it from another image instead (ordinary CutMix/Mixup).
     Returns mix(x) -> (x, partner (rows,), share (rows,)): share is the exact fraction of the row that is its
     own region (the pasted area for cutmix), so labels mix by area. Vectorized on the device."""
-    def none(x, n):
-        rows = torch.arange(len(x), device=x.device)
-        return x, rows, torch.ones(len(x), device=x.device)
+    def none(x, n):  # every row its own partner, all of it its own region
+        row = torch.arange(len(x), device=x.device)
+        return x, row, torch.ones(len(x), device=x.device)
 
     def mix(x, n):
-        R, _, H, W = x.shape
-        rows = torch.arange(R, device=x.device)
+        rows, _, H, W = x.shape
+        row = torch.arange(rows, device=x.device)
         if c.mix_source == "self":  # row (b, j) takes region (b, j+1 mod n)
-            partner = (rows // n) * n + (rows % n + 1) % n
+            partner = (row // n) * n + (row % n + 1) % n
         else:  # row (b, j) takes the same crop of the next image in the batch
-            partner = (rows + n) % R
-        u = torch.rand(R, device=x.device, generator=generator)
-        lam = sample_beta(c.mix_alpha, R, generator, x.device)
-        on = torch.rand(R, device=x.device, generator=generator) < c.mix_prob
+            partner = (row + n) % rows
+        u = torch.rand(rows, device=x.device, generator=generator)
+        lam = sample_beta(c.mix_alpha, rows, generator, x.device)
+        on = torch.rand(rows, device=x.device, generator=generator) < c.mix_prob
         if c.mix == "mixup":
             share = torch.where(on, lam, torch.ones_like(lam))
-            x = share.view(R, 1, 1, 1) * x + (1 - share.view(R, 1, 1, 1)) * x[partner]
+            x = share.view(rows, 1, 1, 1) * x + (1 - share.view(rows, 1, 1, 1)) * x[partner]
             return x, partner, share
         # cutmix: a box of area ~ (1 - lam) centred uniformly, clipped to the image
         cut = torch.sqrt(1 - lam)
-        cy, cx = torch.rand(R, device=x.device, generator=generator) * H, u * W
+        cy, cx = torch.rand(rows, device=x.device, generator=generator) * H, u * W
         y0, y1 = (cy - cut * H / 2).clamp(0, H).round(), (cy + cut * H / 2).clamp(0, H).round()
         x0, x1 = (cx - cut * W / 2).clamp(0, W).round(), (cx + cut * W / 2).clamp(0, W).round()
         ys = torch.arange(H, device=x.device).view(1, H, 1)
         xs = torch.arange(W, device=x.device).view(1, 1, W)
-        inside = (ys >= y0.view(R, 1, 1)) & (ys < y1.view(R, 1, 1)) & (xs >= x0.view(R, 1, 1)) \
-            & (xs < x1.view(R, 1, 1)) & on.view(R, 1, 1)
+        inside = (ys >= y0.view(rows, 1, 1)) & (ys < y1.view(rows, 1, 1)) & (xs >= x0.view(rows, 1, 1)) \
+            & (xs < x1.view(rows, 1, 1)) & on.view(rows, 1, 1)
         x = torch.where(inside[:, None], x[partner], x)
         share = 1 - inside.flatten(1).float().mean(1)
         return x, partner, share
@@ -418,8 +335,8 @@ def evaluate(model, loader, device, amp_dtype, num_classes):
     all-reduced). Returns (metrics dict, per-class (C, 3) float64 tensor: top-1 hits, top-5 hits, images)."""
     model.eval()
     sums = torch.zeros(num_classes, 3, device=device, dtype=torch.float64)
-    for images, labels, _ in epoch_batches(loader, 0):  # sequential: the same images every time
-        x = to_model_input(images, device)
+    for images_u8, labels, _ in epoch_batches(loader, 0):  # sequential: the same images every time
+        x = to_model_input(images_u8, device)
         labels = labels.to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
@@ -442,8 +359,8 @@ def eval_loader(data, res, batch_size, num_workers, rank, world, device):
     else:
         plan = np.concatenate([center_boxes(h, w, 224 / 256), np.zeros((len(h), 1), np.int32)], 1)[:, None]
     shard = np.arange(rank, len(h), world)  # disjoint shards: no padding duplicates in the accuracy
-    return region_loader(path, np.ascontiguousarray(plan, np.int32), res, batch_size, num_workers, indices=shard,
-                         device=device), ds
+    return region_loader(path, np.ascontiguousarray(plan, np.int32), res, batch_size, num_workers,
+                         indices=shard, device=device), ds
 
 # -----------------------------------------------------------------------------
 # Resume: what a checkpoint holds beyond the model, and which run directory may be continued
@@ -487,9 +404,6 @@ def config_differences(saved, config, header, saved_header):
 
 def run_metadata(device):
     """What reproducing a run needs besides its config: library versions, git revision, device."""
-    import importlib.metadata
-    import platform
-    import subprocess
     versions = {"python": platform.python_version()}
     for name in ("torch", "torchvision", "numpy", "ffcv", "numba", "triton", "fire"):
         try:
@@ -516,8 +430,6 @@ def run_metadata(device):
 def write_metrics(run_dir, history):
     """metrics.jsonl and metrics.csv, rewritten whole from the checkpointed history at each epoch end: a run
     resumed from a checkpoint drops the epochs a kill lost with it instead of logging them twice."""
-    import csv
-    import io
     atomic_write(run_dir / "metrics.jsonl", lambda p: p.write_text("".join(json.dumps(m) + "\n"
                                                                            for m in history)))
     columns = list(dict.fromkeys(k for m in history for k in m))
@@ -543,10 +455,68 @@ def tensorboard_writer(c, run_dir, epochs_done):
 # -----------------------------------------------------------------------------
 # `ferkd.py train`
 
-def amp_dtype_for(device, amp):
-    """bf16 autocast where supported (CPUs, Ampere+ GPUs), else fp16 with a GradScaler."""
-    bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
-    return (torch.bfloat16 if bf16 else torch.float16) if amp else None
+@dataclass
+class TrainData:
+    """What `training_data` sets up for one rank: the label file, loaders, epoch plan and derived numbers."""
+    header: dict            # the label file's header; None with --kd=none
+    table: np.ndarray       # (N, R, D) uint8 region records; None with --kd=none
+    classes: list           # class names, in label order
+    res: int                # training resolution, px
+    loader: object          # this rank's batches (images_u8, labels, index); drop_last
+    test_loader: object     # this rank's disjoint shard of the test split
+    fill_plan: object       # fill_plan(epoch) -> choice (N, crops) int64 tensor, or None with --kd=none
+    kept_images: np.ndarray  # indices of the images trained on: one kept region at least, within --subset
+    category: np.ndarray    # (N, R) int8 FerKD category of each stored region; None with --kd=none
+    per_rank_batch: int     # images per step in this process
+    steps_per_epoch: int    # this rank's full batches per epoch
+    region_shares: list     # dropped, hard, soft fractions of the stored regions; None with --kd=none
+
+
+def training_data(c, rank, world, device):
+    """The label file checked against --data (or the dataset's own images for --kd=none), the region table,
+    each epoch's plan and the loaders; prints what the thresholds keep."""
+    header, table = None, None
+    if c.kd == "none":
+        train_path, ds = dataset_beton(c.data, "train")
+    else:
+        hint = f"re-run `python labels.py build --data={c.data} --out={c.labels} ...`"
+        header = read_header(c.labels, hint)
+        ds = load_dataset(c.data, "train")
+        if header["fingerprint"] != ds.fingerprint() or header["num_classes"] != len(ds.classes):
+            raise UserError(f"{c.labels} was built for {header['dataset']} ({header['num_classes']} classes, "
+                            f"fingerprint {header['fingerprint']}), not --data={c.data} ({len(ds.classes)} "
+                            f"classes, {ds.fingerprint()}); {hint}")
+        if c.res and c.res != header["res"]:
+            raise UserError(f"{c.labels} was built for crops at {header['res']} px, not --res={c.res}")
+        train_path, table = Path(c.labels), read_regions(c.labels, header)
+    res = (header or {}).get("res") or c.res or ds.res
+    heights, widths = image_sizes(train_path)
+    plan, fill_plan, kept_images, category = region_plans(c, header, table, heights, widths)
+    if c.subset:
+        kept_images = kept_images[kept_images < c.subset]
+    if c.batch_size % world:
+        raise UserError(f"--batch_size={c.batch_size} must divide among {world} processes")
+    per_rank = c.batch_size // world
+    loader = region_loader(train_path, plan, res, per_rank, c.num_workers, order="random", seed=c.seed,
+                           indices=kept_images, drop_last=True, distributed=world > 1, device=device)
+    test_loader, _ = eval_loader(c.data, res, 512, c.num_workers, rank, world, device)
+    # under DDP each rank gets ceil(N / world) images (FFCV pads like DistributedSampler): count its batches
+    steps_per_epoch = len(loader)
+    if steps_per_epoch < 1:
+        raise UserError(f"{len(kept_images)} training images give no full batch of "
+                        f"--batch_size={c.batch_size}")
+    shares = None
+    if c.kd != "none":
+        shares = [np.count_nonzero(category == i) / category.size for i in range(3)]
+        print0(f"regions at t_low={c.t_low} t_mid={c.t_mid} t_top={c.t_top}: dropped {shares[0]:.1%}, "
+               f"hard {shares[1]:.1%}, soft {shares[2]:.1%}; {len(kept_images)} of {len(heights)} images "
+               f"keep one")
+        if header.get("pgt_estimated"):  # imported FKD labels keep only the top-k (labels.py import)
+            print0(f"{c.labels}: p_gt is estimated as (1 - sum of top-k) / (C - k) on "
+                   f"{header['pgt_estimated']:.1%} of regions, where the true class is not in the top-k"
+                   + ("; --kd=ferkd calibrates by it" if c.kd == "ferkd" else ""))
+    return TrainData(header, table, list(ds.classes), res, loader, test_loader, fill_plan, kept_images,
+                     category, per_rank, steps_per_epoch, shares)
 
 
 def open_run_dir(c, run_dir, header):
@@ -578,6 +548,58 @@ def open_run_dir(c, run_dir, header):
     return state
 
 
+def open_run(c, run_dir, header, steps_per_epoch, rank):
+    """The checkpoint to continue from (`open_run_dir`), or None; then rank 0 makes the run directory and, for
+    a fresh start, clears what an earlier run left in it."""
+    state = open_run_dir(c, run_dir, header)
+    if state is not None and state["steps_per_epoch"] != steps_per_epoch:
+        raise UserError(f"{run_dir} was trained with {state['steps_per_epoch']} steps per epoch, this "
+                        f"launch has {steps_per_epoch} (another number of processes?); resume it as it was "
+                        f"launched")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has read the run directory before rank 0 changes it
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            for p in [*checkpoints(run_dir), run_dir / "final.pt", run_dir / "final.json"]:
+                p.unlink(missing_ok=True)
+    return state
+
+
+def amp_dtype_for(device, amp):
+    """bf16 autocast where supported (CPUs, Ampere+ GPUs), else fp16 with a GradScaler."""
+    bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
+    return (torch.bfloat16 if bf16 else torch.float16) if amp else None
+
+
+def make_model(c, num_classes, device, world, amp_dtype, peak_lr, state):
+    """The student, its optimizer and gradient scaler, with their checkpointed state when resuming; then
+    compiled in place (when asked) and wrapped in DDP (several processes). Returns (model, ddp, optimizer,
+    scaler, compiled): `ddp` is what the step calls, `model` what is saved and evaluated."""
+    model = build_model(c.arch, num_classes).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=c.momentum, nesterov=True,
+                                weight_decay=c.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    compiled = use_compile(c, device)
+    if compiled:  # in place: state_dict keys keep their names (no `_orig_mod.`); DDP then wraps the compiled
+        model.compile()  # module, never the reverse (compiling a DDP wrapper compiled nothing, NOTES.md)
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    return model, ddp, optimizer, scaler, compiled
+
+
+def resume(state, rank, generator, device):
+    """(step, history, epoch_losses, train_seconds) where the checkpoint `state` stopped, with every random
+    stream put back as it was (torch's, SelfMix's `generator`, CUDA's); zeros for a fresh start."""
+    if state is None:
+        return 0, [], [], 0.0
+    set_rng_states(state["rng"], rank, generator, device)
+    return tuple(state[k] for k in ("step", "history", "epoch_losses", "train_seconds"))
+
+
 def finite_losses(pending, first_step, model, what):
     """The losses of the steps since the last check as floats, in one host transfer. Stops the run at the
     first NaN/Inf loss or weight (whichever rank sees it), naming the step; the last checkpoint stays the good
@@ -607,96 +629,36 @@ def train(**flags):
     c = parse_config(TrainConfig, flags)
     check_config(c)
     rank, world, device = setup_distributed(c.device)
-    torch.manual_seed(c.seed)
+    torch.manual_seed(c.seed)  # the student's initial weights
     run_dir = Path(c.run_dir)
 
-    # data
-    header, table = None, None
-    if c.kd == "none":
-        train_path, ds = dataset_beton(c.data, "train")
-    else:
-        hint = f"re-run `python labels.py build --data={c.data} --out={c.labels} ...`"
-        header = read_header(c.labels, hint)
-        ds = load_dataset(c.data, "train")
-        if header["fingerprint"] != ds.fingerprint() or header["num_classes"] != len(ds.classes):
-            raise UserError(f"{c.labels} was built for {header['dataset']} ({header['num_classes']} classes, "
-                            f"fingerprint {header['fingerprint']}), not --data={c.data} ({len(ds.classes)} "
-                            f"classes, {ds.fingerprint()}); {hint}")
-        if c.res and c.res != header["res"]:
-            raise UserError(f"{c.labels} was built for crops at {header['res']} px, not --res={c.res}")
-        train_path, table = Path(c.labels), read_regions(c.labels, header)
-    res = (header or {}).get("res") or c.res or ds.res
-    num_classes = len(ds.classes)
-    heights, widths = image_sizes(train_path)
-    plan, fill_plan, images, category = region_plans(c, header, table, heights, widths)
-    if c.subset:
-        images = images[images < c.subset]
-    if c.batch_size % world:
-        raise UserError(f"--batch_size={c.batch_size} must divide among {world} processes")
-    per_rank = c.batch_size // world
-    loader = region_loader(train_path, plan, res, per_rank, c.num_workers, order="random", seed=c.seed,
-                           indices=images, drop_last=True, distributed=world > 1, device=device)
-    test_loader, _ = eval_loader(c.data, res, 512, c.num_workers, rank, world, device)
-    # under DDP each rank gets ceil(N / world) images (FFCV pads like DistributedSampler): count its batches
-    steps_per_epoch = len(loader)
-    if steps_per_epoch < 1:
-        raise UserError(f"{len(images)} training images give no full batch of --batch_size={c.batch_size}")
-    total_steps = steps_per_epoch * c.epochs
-    shares = None
-    if c.kd != "none":
-        shares = [np.count_nonzero(category == i) / category.size for i in range(3)]
-        print0(f"regions at t_low={c.t_low} t_mid={c.t_mid} t_top={c.t_top}: dropped {shares[0]:.1%}, "
-               f"hard {shares[1]:.1%}, soft {shares[2]:.1%}; {len(images)} of {len(heights)} images keep one")
-        if header.get("pgt_estimated"):  # imported FKD labels keep only the top-k (labels.py import)
-            print0(f"{c.labels}: p_gt is estimated as (1 - sum of top-k) / (C - k) on "
-                   f"{header['pgt_estimated']:.1%} of regions, where the true class is not in the top-k"
-                   + ("; --kd=ferkd calibrates by it" if c.kd == "ferkd" else ""))
+    # data, model, where the run stands
+    data = training_data(c, rank, world, device)
+    steps_per_epoch, total_steps = data.steps_per_epoch, data.steps_per_epoch * c.epochs
+    state = open_run(c, run_dir, data.header, steps_per_epoch, rank)
+    amp_dtype, peak_lr = amp_dtype_for(device, c.amp), c.lr * c.batch_size * c.crops / 256
+    model, ddp, optimizer, scaler, compiled = make_model(c, len(data.classes), device, world, amp_dtype,
+                                                         peak_lr, state)
+    # SelfMix's stream is seeded by a hash of (seed, rank): c.seed + 1000 * rank made seed s on rank 1 the
+    # stream of seed s + 1000 on rank 0
+    mix_seed = int(np.random.SeedSequence([c.seed, rank]).generate_state(1)[0])
+    generator = torch.Generator(device).manual_seed(mix_seed)
+    step, history, epoch_losses, t_train = resume(state, rank, generator, device)
 
-    # run directory: continue from its newest checkpoint, or start afresh
-    state = open_run_dir(c, run_dir, header)
-    if state is not None and state["steps_per_epoch"] != steps_per_epoch:
-        raise UserError(f"{run_dir} was trained with {state['steps_per_epoch']} steps per epoch, this "
-                        f"launch has {steps_per_epoch} (another number of processes?); resume it as it was "
-                        f"launched")
-    if dist.is_initialized():
-        dist.barrier()  # every rank has read the run directory before rank 0 changes it
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if state is None:
-            for p in [*checkpoints(run_dir), run_dir / "final.pt", run_dir / "final.json"]:
-                p.unlink(missing_ok=True)
-
-    # model, optimizer, mode
-    model = build_model(c.arch, num_classes).to(device, memory_format=torch.channels_last)
-    peak_lr = c.lr * c.batch_size * c.crops / 256
-    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=c.momentum, nesterov=True,
-                                weight_decay=c.weight_decay)
-    amp_dtype = amp_dtype_for(device, c.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    generator = torch.Generator(device).manual_seed(c.seed + 1000 * rank)
-    step, history, epoch_losses, t_train = 0, [], [], 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_states(state["rng"], rank, generator, device)
-        step, history, epoch_losses, t_train = (state[k] for k in ("step", "history", "epoch_losses",
-                                                                   "train_seconds"))
-    compiled = use_compile(c, device)
-    if compiled:  # in place: state_dict keys keep their names (no `_orig_mod.`); DDP then wraps the compiled
-        model.compile()  # module, never the reverse (compiling a DDP wrapper compiled nothing, NOTES.md)
-    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    loss_fn = ce_loss(c.label_smoothing) if c.kd == "none" else kd_loss(c, table, header)
+    # the mode, chosen once: the loss and the mixing are functions, the step never branches on flags
+    loss_fn = ce_loss(c.label_smoothing) if c.kd == "none" else kd_loss(c, data.table, data.header)
     train_step = make_train_step(ddp, optimizer, scaler, loss_fn, mix_batch(c, generator), amp_dtype, device,
                                  c.crops)
     warmup = int(c.warmup_epochs * steps_per_epoch)
 
-    config = dict(dataclasses.asdict(c), world_size=world, per_rank_batch=per_rank,
+    # what reproducing the run needs, printed once and written beside it
+    shares = data.region_shares and dict(zip(("dropped", "hard", "soft"), data.region_shares))
+    config = dict(dataclasses.asdict(c), world_size=world, per_rank_batch=data.per_rank_batch,
                   rows_per_step=c.batch_size * c.crops, steps_per_epoch=steps_per_epoch,
-                  total_steps=total_steps, peak_lr=peak_lr, train_res=res,
-                  device=str(device), compiled=compiled, train_images=len(images), num_classes=num_classes,
-                  resumed_at_step=step, region_shares=shares and dict(zip(("dropped", "hard", "soft"), shares)),
-                  **run_metadata(device), label_header=header)
+                  total_steps=total_steps, peak_lr=peak_lr, train_res=data.res, device=str(device),
+                  compiled=compiled, train_images=len(data.kept_images), num_classes=len(data.classes),
+                  resumed_at_step=step, region_shares=shares,
+                  **run_metadata(device), label_header=data.header)
     print0(json.dumps({k: v for k, v in config.items() if k != "label_header"}))
     if state is not None:
         print0(f"resuming {run_dir} at step {step} of {total_steps} (epoch {step // steps_per_epoch + 1}, "
@@ -707,14 +669,14 @@ def train(**flags):
         write_metrics(run_dir, history)
         tb = tensorboard_writer(c, run_dir, len(history))
 
-    def save_state(path):  # a collective (RNG states are gathered): every rank calls it, rank 0 writes
+    def checkpoint(path):  # a collective (RNG states are gathered): every rank calls it, rank 0 writes
         rng = rng_states(generator, device)
         if rank == 0:
             save_checkpoint(path, dict(
                 model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                 step=step, epoch=step // steps_per_epoch, steps_per_epoch=steps_per_epoch, rng=rng,
-                history=history, epoch_losses=epoch_losses, train_seconds=t_train, res=res,
-                config=dataclasses.asdict(c), label_header=header, classes=list(ds.classes)))
+                history=history, epoch_losses=epoch_losses, train_seconds=t_train, res=data.res,
+                config=dataclasses.asdict(c), label_header=data.header, classes=data.classes))
             for old in checkpoints(run_dir)[:-c.keep_ckpts]:
                 old.unlink(missing_ok=True)
 
@@ -722,16 +684,16 @@ def train(**flags):
         ckpts = checkpoints(run_dir)
         return str(ckpts[-1]) if ckpts else "none (no checkpoint was saved yet)"
 
-    # train
+    # train: epochs of steps, a checkpoint every --ckpt_every steps and at each epoch's end
     rows = c.batch_size * c.crops
     metrics = history[-1] if history else {}
     for epoch in range(step // steps_per_epoch, c.epochs):
-        choice = fill_plan(epoch)
+        choice = data.fill_plan(epoch)
         skip = step - epoch * steps_per_epoch
         pending, t_epoch, t0 = [], 0.0, time.time()
         bar = tqdm(total=(steps_per_epoch - skip) * rows, unit="img", unit_scale=True, leave=False,
                    desc=f"epoch {epoch + 1}/{c.epochs}", disable=rank != 0 or not sys.stderr.isatty())
-        for images_u8, labels, index in epoch_batches(loader, epoch, skip):
+        for images_u8, labels, index in epoch_batches(data.loader, epoch, skip):
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, total_steps, warmup, peak_lr)
             pending.append(train_step(images_u8, labels, index, choice))
@@ -741,23 +703,26 @@ def train(**flags):
                 epoch_losses += finite_losses(pending, step - len(pending) + 1, model, last_good())
                 pending, now = [], time.time()
                 t_epoch, t_train = t_epoch + now - t0, t_train + now - t0  # the clock stops while saving
-                save_state(run_dir / f"ckpt-{step:08d}.pt")
+                checkpoint(run_dir / f"ckpt-{step:08d}.pt")
                 t0 = time.time()
         bar.close()
         epoch_losses += finite_losses(pending, step - len(pending) + 1, model, last_good())
         now = time.time()
         t_epoch, t_train = t_epoch + now - t0, t_train + now - t0
-        test, _ = evaluate(model, test_loader, device, amp_dtype, num_classes)
+
+        # evaluate, log, checkpoint (the clock is stopped)
+        test, _ = evaluate(model, data.test_loader, device, amp_dtype, len(data.classes))
         metrics = dict(epoch=epoch + 1, loss=math.fsum(epoch_losses) / len(epoch_losses), **test,
                        lr=optimizer.param_groups[0]["lr"], train_seconds=round(t_train, 1),
                        images_per_s=round((steps_per_epoch - skip) * rows / t_epoch, 1))
         if choice is not None:  # the categories of the regions replayed this epoch (all ranks' images)
-            replayed = category[images[:, None], choice[images]]
+            kept = data.kept_images
+            replayed = data.category[kept[:, None], choice[kept]]
             metrics.update(hard_regions=int((replayed == 1).sum()), soft_regions=int((replayed == 2).sum()))
         history.append(metrics)
         epoch_losses = []
         print0(json.dumps(metrics))
-        save_state(run_dir / ("final.pt" if epoch + 1 == c.epochs else f"ckpt-{step:08d}.pt"))
+        checkpoint(run_dir / ("final.pt" if epoch + 1 == c.epochs else f"ckpt-{step:08d}.pt"))
         if rank == 0:
             write_metrics(run_dir, history)
             if tb is not None:
@@ -834,7 +799,6 @@ def export(**flags):
         raise UserError(f"{c.out} exists; pass --overwrite to replace it")
     if not Path(c.out).resolve().parent.is_dir():
         raise UserError(f"output directory {Path(c.out).parent} does not exist")
-    from beton import MEAN, STD
     model, ckpt = load_checkpoint(c.ckpt)
     model.eval()
     res = checkpoint_res(ckpt)
@@ -868,7 +832,7 @@ def plot(*run_dirs, **flags):
             raise UserError(f"{log} holds no finished epoch yet")
         cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
         runs.append((f"{d.name} ({cfg.get('kd', '?')}, {cfg.get('arch', '?')})", rows))
-    import matplotlib
+    import matplotlib  # imported here: only this command draws
     import matplotlib.ticker
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt

@@ -5,6 +5,7 @@ Region soft labels for FKD / FerKD, stored beside the images in one FFCV `.beton
     python labels.py build --data=imagefolder:/data/imagenet --teacher=torchvision:resnet50 --out=in1k.beton
     python labels.py build --data=imagefolder:/data/imagenet --teacher=timm:convnext_base --out=in1k.beton
     torchrun --nproc_per_node=8 labels.py build ...   # each process takes a share of the chunks; same bytes
+    python labels.py inspect data/fm-labels.beton --rows=3   # the header and the first records
     python labels.py show data/fm-labels.beton --out=regions.png --t_low=0.1 --t_mid=0.5 --t_top=0.99
 
 Killed, a build is finished by re-running the same command; the finished file does not depend on where it
@@ -17,7 +18,8 @@ teacher's probability of the ground-truth class (FerKD's calibration needs it ev
 the top-k).
 
 The file's layout and everything the trainer shares with this script (records, datasets, the FFCV writer, the
-region decoder, the header) are in beton.py; this file holds the teachers and the three commands.
+region decoder, the header) are in beton.py; the checkpoint format that loads a `ferkd.py train` teacher, and
+FerKD's region categories that `show` draws, are in models.py. This file holds the teachers and the commands.
 """
 import dataclasses
 import hashlib
@@ -35,12 +37,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
 
-from beton import (MEAN, SCHEMA_VERSION, STD, UserError, alloc_table_ptr, atomic_write, attach_header, barrier,
-                   box_pixels, epoch_batches, grid_boxes, image_sizes, load_dataset, on_all_ranks, on_rank0,
-                   pack_regions, parse_config, print0, read_header, read_regions, region_bytes, region_loader,
-                   region_plan, region_slots, regions_crc32, run_cli, seeded_regions, set_alloc_table,
-                   setup_distributed, to_model_input, unpack_regions, whole_image_plan, write_beton)
+from beton import (MEAN, SCHEMA_VERSION, STD, UserError, alloc_table_ptr, atomic_write, attach_header,
+                   barrier, box_pixels, epoch_batches, grid_boxes, image_sizes, load_dataset, on_all_ranks,
+                   on_rank0, pack_regions, parse_config, print0, read_header, read_regions, region_bytes,
+                   region_loader, region_plan, region_slots, regions_crc32, run_cli, seeded_regions,
+                   set_alloc_table, setup_distributed, to_model_input, unpack_regions, whole_image_plan,
+                   write_beton)
+from models import CHUNK_IMAGES, FERKD_DEFAULTS, check_thresholds, load_checkpoint, region_categories
 
 # -----------------------------------------------------------------------------
 # Teachers
@@ -74,7 +80,7 @@ def _read_weights(path):
         raise UserError(f"teacher weights {path} not found")
     try:
         if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # here: only .safetensors weights need it (timm's)
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch and safetensors raise many types for a damaged or foreign file
@@ -103,7 +109,6 @@ def load_teacher(spec):
     name, _, weights_file = rest.partition("@")
     mean, std = MEAN, STD
     if kind == "torchvision":
-        import torchvision
         if name not in TORCHVISION_TEACHERS:
             raise UserError(f"teacher {name!r} not supported; "
                             f"choose one of {', '.join(TORCHVISION_TEACHERS)}")
@@ -121,7 +126,7 @@ def load_teacher(spec):
             model = getattr(torchvision.models, name)(weights=weights)
             checksum = str(weights)
     elif kind == "timm":
-        import timm
+        import timm  # here: an optional dependency, needed only for timm teachers
         if not timm.is_model(name):
             raise UserError(f"timm has no model {name!r} (see timm.list_models())")
         if weights_file:
@@ -136,7 +141,6 @@ def load_teacher(spec):
         config = timm.data.resolve_model_data_config(model)
         mean, std = tuple(config["mean"]), tuple(config["std"])
     else:
-        from ferkd import load_checkpoint
         model, ckpt = load_checkpoint(spec)
         name, checksum = ckpt["config"]["arch"], file_sha256(spec)
     return model.eval(), dict(kind=kind, name=name, checksum=checksum, mean=mean, std=std)
@@ -262,10 +266,9 @@ def write_images(mode, ds, partial, state, key, R, D):
 
 
 def label_chunks(c, model, teacher_id, device, partial, state, todo, chunk, rank0):
-    """Phase 2 on this rank's unfinished chunks: each image's region boxes and flips, a function of (seed, image
-    index) only, in the pixels of the stored image; the teacher on every region and on the whole image, decoded
-    by the student's own decoder; the records written into the file, then the chunk marked done."""
-    from tqdm import tqdm
+    """Phase 2 on this rank's unfinished chunks: each image's region boxes and flips, a function of (seed,
+    image index) only, in the pixels of the stored image; the teacher on every region and on the whole image,
+    decoded by the student's own decoder; the records written into the file, then the chunk marked done."""
     heights, widths = image_sizes(partial)
     N, R, k = len(heights), c.regions, c.k
     n_chunks = -(-N // chunk)
@@ -294,9 +297,10 @@ def label_chunks(c, model, teacher_id, device, partial, state, todo, chunk, rank
         gt = p[:, :R].gather(2, labels.view(-1, 1, 1).expand(-1, R, 1)).squeeze(2)  # (B, R) p_gt
         idx = index.numpy().astype(np.int64)
         rec = pack_regions(qboxes[idx], flips[idx], top_i.numpy(), top_p.numpy(), gt.numpy())
-        for s, r in zip(slots[idx], rec):                                              # (R, D) records per image
+        for s, r in zip(slots[idx], rec):                                   # (R, D) records per image
             os.pwrite(fd, r.tobytes(), s)
-        hits += [(top_i[..., 0] == labels.view(-1, 1)).sum().item(), (p[:, R].argmax(1) == labels).sum().item()]
+        hits += [(top_i[..., 0] == labels.view(-1, 1)).sum().item(),
+                 (p[:, R].argmax(1) == labels).sum().item()]
         bar.update(len(idx) * (R + 1))
         ci = int(idx[0]) // chunk
         if idx[-1] == min(N, (ci + 1) * chunk) - 1:  # its last batch: make the chunk durable, then say so
@@ -389,8 +393,17 @@ def build(**flags):
     return None
 
 
-def inspect(path, rows=3):
-    """Print a label file's header and its first region records."""
+@dataclass(frozen=True)
+class InspectConfig:
+    rows: int = 3  # images whose first three region records are printed
+
+
+def inspect(path, **flags):
+    """Print a label file's header and its first region records: python labels.py inspect FILE [--rows=3]."""
+    c = parse_config(InspectConfig, flags)
+    if c.rows < 0:
+        raise UserError(f"--rows must be >= 0, got {c.rows}")
+    rows = c.rows
     header = read_header(path)
     print(json.dumps({k: v for k, v in header.items() if k != "classes"}, indent=1))
     table = read_regions(path, header)
@@ -646,55 +659,86 @@ def import_fkd(**flags):
 CATEGORY = (("dropped", "#d62728"), ("hard", "#ff7f0e"), ("soft", "#2ca02c"))  # region_category's 0, 1, 2
 
 
-def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, regions=5):
-    """Write a PNG: for `images` images, their first `regions` regions drawn on the image, each with the
-    teacher's top-k, p_gt and FerKD category under the thresholds (ferkd.py's defaults when not given);
-    below, the histogram of p_gt over every stored region with the thresholds marked."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-    from ferkd import CHUNK_IMAGES, FERKD_DEFAULTS, check_thresholds, region_categories
-    t = {}
-    for name, v in (("t_low", t_low), ("t_mid", t_mid), ("t_top", t_top)):
-        v = FERKD_DEFAULTS[name] if v is None else v
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise UserError(f"--{name} takes a number, got {v!r}")
-        t[name] = float(v)
-    check_thresholds(**t)
-    for name, v in (("images", images), ("regions", regions)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UserError(f"--{name} takes a positive integer, got {v!r}")
-    if not str(out).lower().endswith(".png"):
-        raise UserError(f"--out must name a .png file, got {out!r}")
-    if not Path(out).resolve().parent.is_dir():
-        raise UserError(f"output directory {Path(out).parent} does not exist")
-    header = read_header(path)
-    table = read_regions(path, header)                                      # (N, R, D) uint8
-    N, R, k, names = len(table), header["regions"], header["k"], header["classes"]
-    cat = region_categories(table, k, **t)                                  # (N, R) 0 dropped, 1 hard, 2 soft
+@dataclass(frozen=True)
+class ShowConfig:
+    out: str = "regions.png"  # the PNG to write
+    t_low: float = -1.0       # FerKD thresholds the regions are coloured by (-1: models.FERKD_DEFAULTS)
+    t_mid: float = -1.0
+    t_top: float = -1.0
+    images: int = 4           # images drawn, evenly spaced through the file
+    regions: int = 5          # regions drawn per image (its first ones)
 
-    # the chosen images, decoded whole by the trainer's decoder (square, then stretched back to their shape)
-    pick = np.linspace(0, N - 1, min(images, N)).round().astype(np.int64)
-    ids, probs, pgt, flip = unpack_regions(torch.from_numpy(table[pick]), k)  # (n, R, k) x 2, (n, R) x 2
-    heights, widths = image_sizes(path)
+
+def show_thresholds(c):
+    """The thresholds `show` colours by (FerKD's defaults where left at -1), and its flags checked."""
+    t = {name: FERKD_DEFAULTS[name] if getattr(c, name) == -1.0 else getattr(c, name)
+         for name in ("t_low", "t_mid", "t_top")}
+    check_thresholds(**t)
+    for name in ("images", "regions"):
+        if getattr(c, name) < 1:
+            raise UserError(f"--{name} takes a positive integer, got {getattr(c, name)!r}")
+    if not c.out.lower().endswith(".png"):
+        raise UserError(f"--out must name a .png file, got {c.out!r}")
+    if not Path(c.out).resolve().parent.is_dir():
+        raise UserError(f"output directory {Path(c.out).parent} does not exist")
+    return t
+
+
+def decode_whole(path, pick, heights, widths):
+    """{image index: (H x W x 3 uint8 image, label)} for the images `pick`, decoded whole by the trainer's
+    decoder (square, at most 256 px; drawn stretched back to their shape)."""
     side = int(min(256, max(heights.max(), widths.max())))
     plan = whole_image_plan(heights, widths)
     decoded = {}
     for imgs, labels, index in epoch_batches(region_loader(path, plan, side, len(pick), 1, indices=pick), 0):
         decoded.update((int(i), (img[0].numpy().copy(), int(y))) for img, y, i in zip(imgs, labels, index))
+    return decoded
 
-    n_show = min(regions, R)
+
+def pgt_histogram(table, cat, k):
+    """(3, 256) counts of the stored p_gt byte per category over the whole file, a chunk of images at a
+    time."""
+    hist = np.zeros(3 * 256, np.int64)
+    for s in range(0, len(table), CHUNK_IMAGES):
+        key = cat[s:s + CHUNK_IMAGES].astype(np.int64) * 256 + table[s:s + CHUNK_IMAGES, :, 4 + 3 * k]
+        hist += np.bincount(key.ravel(), minlength=3 * 256)
+    return hist.reshape(3, 256)
+
+
+def show(path, **flags):
+    """Write a PNG: for --images images, their first --regions regions drawn on the image, each with the
+    teacher's top-k, p_gt and FerKD category under the thresholds (FERKD_DEFAULTS when not given);
+    below, the histogram of p_gt over every stored region with the thresholds marked.
+        python labels.py show FILE --out=regions.png [--t_low= --t_mid= --t_top= --images=4 --regions=5]"""
+    c = parse_config(ShowConfig, flags)
+    t = show_thresholds(c)
+    import matplotlib  # imported here: only this command draws
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    header = read_header(path)
+    table = read_regions(path, header)                                      # (N, R, D) uint8
+    N, R, k, names = len(table), header["regions"], header["k"], header["classes"]
+    cat = region_categories(table, k, **t)                                  # (N, R) 0 dropped, 1 hard, 2 soft
+
+    # the chosen images, each beside its regions' labels, two to a row
+    pick = np.linspace(0, N - 1, min(c.images, N)).round().astype(np.int64)
+    ids, probs, pgt, flip = unpack_regions(torch.from_numpy(table[pick]), k)  # (n, R, k) x 2, (n, R) x 2
+    heights, widths = image_sizes(path)
+    decoded = decode_whole(path, pick, heights, widths)
+    n_show = min(c.regions, R)
     cols = min(2, len(pick))
     rows = -(-len(pick) // cols)
     fig = plt.figure(figsize=(7.5 * cols, 3.6 * rows + 3.2), layout="constrained")
-    grid = fig.add_gridspec(rows + 1, 2 * cols, height_ratios=[3.6] * rows + [3.2], width_ratios=[1, 1.3] * cols)
-    short = lambda c: names[c][:12]
+    grid = fig.add_gridspec(rows + 1, 2 * cols, height_ratios=[3.6] * rows + [3.2],
+                            width_ratios=[1, 1.3] * cols)
+    short = lambda cls: names[cls][:12]
     for n, i in enumerate(pick):
         img, y = decoded[int(i)]
         H, W = int(heights[i]), int(widths[i])
         ax = fig.add_subplot(grid[n // cols, 2 * (n % cols)])
-        ax.imshow(img, extent=(0, W, H, 0), interpolation="nearest")  # tiny images enlarged, pixels kept sharp
+        # tiny images enlarged, pixels kept sharp
+        ax.imshow(img, extent=(0, W, H, 0), interpolation="nearest")
         ax.set_title(f"image {i}: {names[y]}", fontsize=10)
         ax.set_xticks([]), ax.set_yticks([])
         lines = []
@@ -704,7 +748,8 @@ def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, 
             ax.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, lw=2, ec=colour))
             ax.text(left + 0.02 * W, top + 0.02 * H, str(r), color="white", fontsize=9, va="top",
                     bbox=dict(fc=colour, ec="none", pad=1))
-            topk = ", ".join(f"{short(c)} {p:.2f}" for c, p in zip(ids[n, r].tolist()[:3], probs[n, r].tolist()))
+            topk = ", ".join(f"{short(cls)} {p:.2f}" for cls, p in zip(ids[n, r].tolist()[:3],
+                                                                        probs[n, r].tolist()))
             lines.append((f"{r}{' (flip)' if flip[n, r] else ''}: {topk}\n"
                           f"   p_gt {pgt[n, r]:.2f} → {CATEGORY[cat[i, r]][0]}", colour))
         tx = fig.add_subplot(grid[n // cols, 2 * (n % cols) + 1])
@@ -716,15 +761,12 @@ def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, 
 
     # p_gt over the whole file, stacked by category (a bin that a threshold cuts shows both parts)
     ax = fig.add_subplot(grid[rows, :])
-    hist = np.zeros(3 * 256, np.int64)  # (category, stored p_gt byte) counts, a chunk of images at a time
-    for s in range(0, N, CHUNK_IMAGES):
-        key = cat[s:s + CHUNK_IMAGES].astype(np.int64) * 256 + table[s:s + CHUNK_IMAGES, :, 4 + 3 * k]
-        hist += np.bincount(key.ravel(), minlength=3 * 256)
-    hist = hist.reshape(3, 256)
+    hist = pgt_histogram(table, cat, k)
     edges, bottom = np.linspace(0, 1, 52), 0  # 51 bins: byte v = round(255 p) falls in bin min(v // 5, 50)
-    for c, (name, colour) in enumerate(CATEGORY):
-        counts = np.bincount(np.minimum(np.arange(256) // 5, 50), weights=hist[c], minlength=51)
-        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", bottom=bottom, color=colour, label=name)
+    for category, (name, colour) in enumerate(CATEGORY):
+        counts = np.bincount(np.minimum(np.arange(256) // 5, 50), weights=hist[category], minlength=51)
+        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", bottom=bottom, color=colour,
+               label=name)
         bottom = bottom + counts
     for name in ("t_low", "t_mid", "t_top"):
         ax.axvline(t[name], color="black", ls="--", lw=1)
@@ -742,10 +784,10 @@ def show(path, out="regions.png", t_low=None, t_mid=None, t_top=None, images=4, 
         f"{name} {s:.1%}" for (name, _), s in zip(CATEGORY, share)) + guessed, fontsize=10)
     ax.legend(loc="upper center")
     try:
-        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110))
+        atomic_write(c.out, lambda tmp: fig.savefig(tmp, dpi=110))
     finally:
         plt.close(fig)
-    print(f"wrote {out}: {len(pick)} images, {n_show} regions each; regions dropped / hard / soft at "
+    print(f"wrote {c.out}: {len(pick)} images, {n_show} regions each; regions dropped / hard / soft at "
           f"t_low={t['t_low']:g} t_mid={t['t_mid']:g} t_top={t['t_top']:g}: "
           + " / ".join(f"{s:.1%}" for s in share) + guessed)
 

@@ -37,7 +37,8 @@ def test_torchrun_two_processes_train(built, tmp_path, kd):
     cwd = tmp_path / "cwd"  # a fresh data/ folder: the dataset caches are written in this run
     cwd.mkdir()
     p = torchrun(ROOT / "ferkd.py", "train", "--data=digits", f"--kd={kd}", "--arch=small16", "--epochs=3",
-                 "--batch_size=64", "--device=cpu", "--num_workers=1", f"--run_dir={tmp_path}", *extra, cwd=cwd)
+                 "--batch_size=64", "--device=cpu", "--num_workers=1", f"--run_dir={tmp_path}", *extra,
+                 cwd=cwd)
     # one rank writes each cache while the other waits (two writers of one file would race)
     assert p.stdout.count("caching the test split") == 1, p.stdout
     assert p.stdout.count("caching the train split") == (kd == "none"), p.stdout
@@ -59,6 +60,7 @@ import torch
 import torch.distributed as dist
 import beton
 import ferkd
+import models
 
 rank, world, device = ferkd.setup_distributed("cpu")
 label_file = sys.argv[1]
@@ -91,7 +93,7 @@ choice = fill(0)
 
 def run(mode, ddp):
     torch.manual_seed(0)
-    model = ferkd.build_model("small16", 10).to(memory_format=torch.channels_last)
+    model = models.build_model("small16", 10).to(memory_format=torch.channels_last)
     model.eval()  # BatchNorm on running statistics: every row's loss depends on that row alone
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-5)
     scaler = torch.amp.GradScaler("cpu", enabled=False)

@@ -51,12 +51,13 @@ def test_loader_replays_stored_boxes_pixel_exact(built, device):
 
 
 def test_stored_labels_match_teacher_recomputed(built):
-    """Each stored region equals the teacher re-run on an independently cropped region, within quantization."""
-    import ferkd
+    """Each stored region equals the teacher re-run on an independently cropped region, within
+    quantization."""
+    import models
     import beton
     ckpt, path = built
     _, table, ds = stored(path)
-    model, _ = ferkd.load_checkpoint(ckpt)
+    model, _ = models.load_checkpoint(ckpt)
     model.eval()
     ids, probs, pgt, flip = beton.unpack_regions(torch.from_numpy(table), K)
     n = 200
@@ -92,7 +93,8 @@ def test_region_records_pack_and_unpack():
     i2, p2, g2, f2 = beton.unpack_regions(torch.from_numpy(rec), K)
     assert np.array_equal(i2.numpy(), ids) and np.array_equal(f2.numpy(), flip)
     # each probability within one step (the top-k sum is capped at 1, see the next test), p_gt within half
-    assert np.abs(p2.numpy() - probs).max() <= 1 / 255 + 1e-6 and np.abs(g2.numpy() - pgt).max() <= 0.5 / 255 + 1e-6
+    assert np.abs(p2.numpy() - probs).max() <= 1 / 255 + 1e-6 \
+        and np.abs(g2.numpy() - pgt).max() <= 0.5 / 255 + 1e-6
     assert np.array_equal(rec[..., :4], qbox)
 
 
@@ -158,8 +160,8 @@ def test_box_fallback_is_torchvision_centre_crop(H, W):
 
 def test_fkd_student_learns_and_checkpoint_is_a_teacher(built, tmp_path):
     _, path = built
-    p = cli("ferkd.py", "train", "--data=digits", f"--labels={path}", "--kd=fkd", "--arch=small16", "--epochs=4",
-            "--batch_size=64", "--crops=2", f"--run_dir={tmp_path / 'fkd'}")
+    p = cli("ferkd.py", "train", "--data=digits", f"--labels={path}", "--kd=fkd", "--arch=small16",
+            "--epochs=4", "--batch_size=64", "--crops=2", f"--run_dir={tmp_path / 'fkd'}")
     m = last_json(p.stdout)
     assert m["top1"] > 50, m  # chance is 10%
     assert (tmp_path / "fkd" / "final.pt").is_file() and (tmp_path / "fkd" / "config.json").is_file()
@@ -180,8 +182,8 @@ def one_error_line(p):
 
 def test_header_mismatch_refused(built, tmp_path):
     _, path = built
-    p = cli("ferkd.py", "train", "--data=fashion-mnist", f"--labels={path}", "--kd=fkd", f"--run_dir={tmp_path}",
-            check=False)
+    p = cli("ferkd.py", "train", "--data=fashion-mnist", f"--labels={path}", "--kd=fkd",
+            f"--run_dir={tmp_path}", check=False)
     line = one_error_line(p)
     assert "built for digits" in line and "labels.py build --data=fashion-mnist" in line
 
@@ -191,8 +193,8 @@ def test_truncated_and_missing_label_files(built, tmp_path):
     for cut in (100, path.stat().st_size // 2, path.stat().st_size - 10):
         bad = tmp_path / f"cut{cut}.beton"
         bad.write_bytes(path.read_bytes()[:cut])
-        p = cli("ferkd.py", "train", "--data=digits", f"--labels={bad}", "--kd=fkd", f"--run_dir={tmp_path / 'r'}",
-                check=False)
+        p = cli("ferkd.py", "train", "--data=digits", f"--labels={bad}", "--kd=fkd",
+                f"--run_dir={tmp_path / 'r'}", check=False)
         assert "truncated" in one_error_line(p)
     p = cli("ferkd.py", "train", "--data=digits", f"--labels={tmp_path / 'nope.beton'}", "--kd=fkd",
             f"--run_dir={tmp_path / 'r'}", check=False)
@@ -237,8 +239,8 @@ def test_quantized_topk_mass_never_exceeds_one():
     # a confident teacher: p_1..p_4 at odd half steps (1.5/255, 3.5/255: each rounds up), p_0 the rest but a
     # little mass for the other classes, i.e. top-k sums just below 1
     rest = (rng.choice([1, 3], (B, K - 1)) + 0.5) / 255
-    top_p = torch.from_numpy(np.concatenate([1 - rest.sum(1, keepdims=True) - rng.uniform(0, 0.4, (B, 1)) / 255,
-                                             rest], 1))
+    first = 1 - rest.sum(1, keepdims=True) - rng.uniform(0, 0.4, (B, 1)) / 255
+    top_p = torch.from_numpy(np.concatenate([first, rest], 1))
     top_i = torch.from_numpy(np.stack([rng.permutation(C)[:K] for _ in range(B)]))
     p = torch.zeros(B, C, dtype=torch.float64).scatter_(1, top_i, top_p)
     assert (np.rint(top_p.numpy() * 255).sum(1) > 255).any()  # the case that overshoots is present
@@ -261,7 +263,8 @@ def test_epochs_keep_torch_thread_count(built):
     import beton
     _, path = built
     h, w = beton.image_sizes(path)
-    plan = np.concatenate([beton.box_pixels(beton.full_boxes(len(h)), h, w), np.zeros((len(h), 1), np.int32)], 1)
+    plan = np.concatenate([beton.box_pixels(beton.full_boxes(len(h)), h, w), np.zeros((len(h), 1), np.int32)],
+                          1)
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
@@ -283,7 +286,8 @@ def test_a_failing_loader_thread_is_an_error_not_a_hang(built, monkeypatch):
     import beton
     _, path = built
     h, w = beton.image_sizes(path)
-    plan = np.concatenate([beton.box_pixels(beton.full_boxes(len(h)), h, w), np.zeros((len(h), 1), np.int32)], 1)
+    plan = np.concatenate([beton.box_pixels(beton.full_boxes(len(h)), h, w), np.zeros((len(h), 1), np.int32)],
+                          1)
     loader = beton.region_loader(path, np.ascontiguousarray(plan[:, None]), 16, 100, num_workers=1)
 
     def broken(self, b_ix, *args):

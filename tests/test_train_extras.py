@@ -111,15 +111,16 @@ def test_overflowed_batchnorm_statistics_stop_the_run():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
     assert ferkd.finite_losses([torch.tensor(1.0)], 5, model, "ckpt-4.pt") == [1.0]
     model[1].running_var[1] = float("inf")
-    with pytest.raises(UserError, match=r"became NaN/Inf by step 5; stopped. The last good checkpoint is ckpt-4"):
+    with pytest.raises(UserError,
+                       match=r"became NaN/Inf by step 5; stopped. The last good checkpoint is ckpt-4"):
         ferkd.finite_losses([torch.tensor(1.0)], 5, model, "ckpt-4.pt")
 
 def test_checkpoint_of_another_architecture_is_refused(built, tmp_path):
-    import ferkd
+    import models
     from beton import UserError
     teacher, _ = built
     with pytest.raises(UserError, match="holds a small32 model, not --arch=small16"):
-        ferkd.load_checkpoint(teacher, arch="small16")
+        models.load_checkpoint(teacher, arch="small16")
     ckpt = torch.load(teacher, weights_only=True)
     ckpt["config"]["arch"] = "resnet18"  # a file that claims another architecture than its weights
     torch.save(ckpt, tmp_path / "bad.pt")
@@ -138,12 +139,12 @@ def test_eval_command_matches_training_metrics(built):
 
 
 def test_export_loads_and_predicts_like_the_checkpoint(built, tmp_path):
-    import ferkd
+    import models
     teacher, _ = built
     out = tmp_path / "model.pt2"
     cli("ferkd.py", "export", f"--ckpt={teacher}", f"--out={out}")
     program = torch.export.load(str(out))
-    model, _ = ferkd.load_checkpoint(teacher)
+    model, _ = models.load_checkpoint(teacher)
     model.eval()
     for n in (1, 5):  # the batch dimension is dynamic
         x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(n))
@@ -201,7 +202,8 @@ def image_folder(root, corrupt=None):
         for name in ("cat", "dog"):
             (root / split / name).mkdir(parents=True)
             for i in range(3):
-                Image.fromarray(rng.integers(0, 256, (24, 20, 3), np.uint8)).save(root / split / name / f"{i}.png")
+                pixels = rng.integers(0, 256, (24, 20, 3), np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
     if corrupt:
         (root / corrupt).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(50))  # a PNG signature, then garbage
     return root
@@ -218,9 +220,9 @@ def test_corrupt_image_is_named(tmp_path):
 
 
 def test_images_encoded_on_every_core_are_ffcvs_own_bytes(tmp_path):
-    """write_beton decodes, shrinks and JPEG-encodes image files in a pool of processes, then one thread writes
-    them in order: the file must be the one FFCV's own writer makes from the decoded images (one worker), byte
-    for byte, for non-square images, ones over 512 px (shrunk) and PNGs."""
+    """write_beton decodes, shrinks and JPEG-encodes image files in a pool of processes, then one thread
+    writes them in order: the file must be the one FFCV's own writer makes from the decoded images (one
+    worker), byte for byte, for non-square images, ones over 512 px (shrunk) and PNGs."""
     import ffcv.writer
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from PIL import Image
@@ -234,8 +236,8 @@ def test_images_encoded_on_every_core_are_ffcvs_own_bytes(tmp_path):
     regions = rng.integers(0, 256, (len(ds.labels), 2, 20)).astype(np.uint8)
     beton.write_beton(tmp_path / "ours.beton", ds, regions)
     decoded = [np.asarray(Image.open(p).convert("RGB")) for p in ds.images]
-    fields = {"image": RGBImageField(write_mode="jpg", max_resolution=512, jpeg_quality=90), "label": IntField(),
-              "index": IntField(), "regions": NDArrayField(np.dtype("uint8"), (2, 20))}
+    fields = {"image": RGBImageField(write_mode="jpg", max_resolution=512, jpeg_quality=90),
+              "label": IntField(), "index": IntField(), "regions": NDArrayField(np.dtype("uint8"), (2, 20))}
     ffcv.writer.DatasetWriter(str(tmp_path / "ffcv.beton"), fields, num_workers=1).from_indexed_dataset(
         [(decoded[i], int(ds.labels[i]), i, regions[i]) for i in range(len(decoded))], chunksize=256)
     assert (tmp_path / "ours.beton").read_bytes() == (tmp_path / "ffcv.beton").read_bytes()
@@ -261,8 +263,8 @@ def test_empty_dataset_refused(built, tmp_path, layout):
 
 def test_full_disk_while_checkpointing(built, tmp_path):
     """The process may write files of at most 64 KiB (RLIMIT_FSIZE: a write past it fails with EFBIG, as a
-    full disk fails with ENOSPC): config.json and the metrics logs fit, the first checkpoint does not. One error
-    line naming the checkpoint, no temporary file left, and the same command then runs to the end."""
+    full disk fails with ENOSPC): config.json and the metrics logs fit, the first checkpoint does not. One
+    error line naming the checkpoint, no temporary file left, and the same command then runs to the end."""
     import resource
 
     def small_files():
@@ -283,8 +285,9 @@ def test_full_disk_while_checkpointing(built, tmp_path):
 
 
 def test_corrupt_jpeg_inside_a_beton_stops_training_naming_the_image(tmp_path):
-    """TurboJPEG's status for each stored JPEG is checked: an image whose bytes were damaged after the file was
-    written stops training before its batch, with one error line naming it, and no checkpoint is written."""
+    """TurboJPEG's status for each stored JPEG is checked: an image whose bytes were damaged after the file
+    was written stops training before its batch, with one error line naming it, and no checkpoint is
+    written."""
     from ffcv.reader import Reader
     data = image_folder(tmp_path / "images")
     train = [ROOT / "ferkd.py", "train", f"--data=imagefolder:{data}", "--kd=none", "--arch=small16",
