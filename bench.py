@@ -219,7 +219,7 @@ def bench_build(arch="small64", regions=16, batch=255, res=16):
     import subprocess
     import sys
     import beton
-    import ferkd
+    import models
     d = scratch_dir()
     chunk = batch // (regions + 1) * 9  # whole teacher batches: 9 per chunk, 10 chunks
     here = Path(__file__).resolve().parent
@@ -229,7 +229,7 @@ def bench_build(arch="small64", regions=16, batch=255, res=16):
         f"--run_dir={d / 't'}")
     torch.set_num_threads(os.cpu_count())
     beton.keep_freed_memory()  # as labels.py build does at start-up
-    model = ferkd.build_model(arch, 10).eval().to(memory_format=torch.channels_last)  # speed: not the weights
+    model = models.build_model(arch, 10).eval().to(memory_format=torch.channels_last)  # untrained: same speed
     x = torch.rand(batch, 3, res, res).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         model(x)

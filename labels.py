@@ -12,10 +12,10 @@ Killed, a build is finished by re-running the same command; the finished file do
 stopped or on the number of processes (see `build`).
 
 A strong teacher is run once over R random-resized crops ("regions") of every training image (FKD, Shen &
-Xing, ECCV 2022). For each region we keep what the trainer needs to replay it and learn from it (FerKD, Shen
-et al., arXiv 2312.17473): its box and flip, the teacher's top-k classes and probabilities, and p_gt, the
-teacher's probability of the ground-truth class (FerKD's calibration needs it even when that class is not in
-the top-k).
+Xing, ECCV 2022). For each region we keep what the trainer needs to replay it and learn from it (FerKD,
+Zhiqiang Shen, ICCV 2023, arXiv 2312.17473): its box and flip, the teacher's top-k classes and probabilities,
+and p_gt, the teacher's probability of the ground-truth class (FerKD's calibration needs it even when that
+class is not in the top-k).
 
 The file's layout and everything the trainer shares with this script (records, datasets, the FFCV writer, the
 region decoder, the header) are in beton.py; the checkpoint format that loads a `ferkd.py train` teacher, and

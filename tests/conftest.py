@@ -14,7 +14,8 @@ R, K = 6, 5
 
 def cli(*args, cwd=ROOT, check=True):
     """Run one of the project's commands; returns the CompletedProcess (stdout+stderr as text)."""
-    p = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=500)
+    p = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                       timeout=500)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

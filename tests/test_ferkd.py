@@ -58,7 +58,8 @@ def test_selfmix_labels_are_the_pasted_area():
         own = torch.arange(R).float()
         frac_own = (out - x[partner]) / (own - partner.float()).view(R, 1, 1, 1)  # 1: own pixel, 0: pasted
         # cutmix rows are exact pixel counts; mixup rows carry fp32 rounding of values up to R
-        torch.testing.assert_close(frac_own.mean((1, 2, 3)), share, atol=1e-6 if mix == "cutmix" else 2e-5, rtol=0)
+        atol = 1e-6 if mix == "cutmix" else 2e-5
+        torch.testing.assert_close(frac_own.mean((1, 2, 3)), share, atol=atol, rtol=0)
         assert ((share >= 0) & (share <= 1)).all()
         if mix == "cutmix":  # own area in whole pixels
             torch.testing.assert_close(share * H * H, (share * H * H).round(), atol=1e-3, rtol=0)
@@ -87,8 +88,9 @@ def test_cross_image_hard_region_label_is_exact():
 
 def test_ferkd_with_selfmix_trains(built, tmp_path):
     _, path = built
-    p = cli("ferkd.py", "train", "--data=digits", f"--labels={path}", "--kd=ferkd", "--t_low=0.02", "--t_mid=0.2",
-            "--t_top=0.995", "--mix=cutmix", "--mix_prob=0.5", "--crops=2", "--arch=small16", "--epochs=4",
+    p = cli("ferkd.py", "train", "--data=digits", f"--labels={path}", "--kd=ferkd", "--t_low=0.02",
+            "--t_mid=0.2", "--t_top=0.995", "--mix=cutmix", "--mix_prob=0.5", "--crops=2", "--arch=small16",
+            "--epochs=4",
             "--batch_size=64", f"--run_dir={tmp_path / 'r'}")
     assert "dropped" in p.stdout and "hard" in p.stdout  # category counts printed before training
     assert json.loads(p.stdout.strip().splitlines()[-1])["top1"] > 50
@@ -101,7 +103,8 @@ def test_ferkd_with_selfmix_trains(built, tmp_path):
         assert m["hard_regions"] > 0 and m["hard_regions"] + m["soft_regions"] == 2 * config["train_images"]
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [{k: float(v) for k, v in r.items()} for r in rows] == [{k: float(v) for k, v in m.items()} for m in log]
+    as_floats = lambda d: {k: float(v) for k, v in d.items()}
+    assert [as_floats(r) for r in rows] == [as_floats(m) for m in log]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run / "tb"))
     events.Reload()
@@ -125,9 +128,10 @@ def dense_kd_loss(table, k, C, labels, index, choice, logits, partner, share, T,
     """FKD/FerKD's loss written out densely in float64, row by row, from the raw record bytes: each region's
     target is the teacher's top-k with the rest spread evenly (soft), 1 - eps on its own image's class and
     eps / (C - 1) elsewhere (hard), or nothing (dropped); a row mixes its region and its partner's by share,
-    renormalized over the kept ones; T^2 x the mean cross-entropy with softmax(z / T) over rows that keep one."""
+    renormalized over the kept ones; T^2 x the mean cross-entropy with softmax(z / T) over rows that keep
+    one."""
     n = choice.shape[1]
-    rec = table[np.repeat(index, n), choice[index].reshape(-1)]                      # (rows, D) this row's region
+    rec = table[np.repeat(index, n), choice[index].reshape(-1)]  # (rows, D) each row's region
     own_class = np.repeat(labels, n)
     total, kept_rows = 0.0, 0
     for r in range(len(rec)):
@@ -135,7 +139,7 @@ def dense_kd_loss(table, k, C, labels, index, choice, logits, partner, share, T,
         for m, a in ((r, share[r]), (partner[r], 1 - share[r])):
             ids = rec[m, 4:4 + 2 * k].view(np.uint16) & 0x7FFF
             probs = rec[m, 4 + 2 * k:4 + 3 * k] / 255.0
-            p = np.float32(rec[m, 4 + 3 * k]) / np.float32(255)                    # p_gt as the trainer reads it
+            p = np.float32(rec[m, 4 + 3 * k]) / np.float32(255)  # p_gt as the trainer reads it
             if not t_low <= p <= t_top or a == 0:
                 continue
             if p < t_mid:
@@ -158,8 +162,8 @@ def dense_kd_loss(table, k, C, labels, index, choice, logits, partner, share, T,
     ("ferkd", (0.0, 0.0, 1.0), "self", 1.0), ("ferkd", (0.1, 0.4, 0.9), "self", 1.0),
     ("ferkd", (0.1, 0.4, 0.9), "batch", 2.0)])
 def test_kd_loss_is_its_definition(kd, thresholds, mix_source, T):
-    """The trainer's loss on stored records (ferkd.kd_loss: record gather, unpacking, the partner's label under
-    --mix_source, the fused loss at the header's temperature) against `dense_kd_loss` in float64. At neutral
+    """The trainer's loss on stored records (ferkd.kd_loss: record gather, unpacking, the partner's label
+    under --mix_source, the loss at the header's temperature) against `dense_kd_loss` in float64. At neutral
     thresholds --kd=ferkd must give FKD's loss; at others, hard regions train on the softened truth of their
     own image (the partner's class when it comes from another image) and dropped ones not at all."""
     N, R, k, C, n = 8, 3, 5, 10, 2

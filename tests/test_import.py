@@ -296,7 +296,8 @@ def test_train_on_imported_labels_and_show_says_pgt_is_estimated(imported, tmp_p
     if not imported["fp16"]:
         pytest.skip("one variant is enough")
     p = cli(ROOT / "ferkd.py", "train", f"--data=imagefolder:{imported['images']}",
-            f"--labels={imported['out']}", "--kd=fkd", "--arch=small16", "--epochs=1", "--batch_size=8", f"--run_dir={tmp_path / 'fkd'}",
+            f"--labels={imported['out']}", "--kd=fkd", "--arch=small16", "--epochs=1", "--batch_size=8",
+            f"--run_dir={tmp_path / 'fkd'}",
             cwd=tmp_path)
     assert last_json(p.stdout)["epoch"] == 1 and (tmp_path / "fkd" / "final.pt").is_file()
     p = cli("labels.py", "show", imported["out"], f"--out={tmp_path / 'r.png'}", "--images=2")
