@@ -45,7 +45,7 @@ from beton import (MEAN, STD, UserError, atomic_write, center_boxes, dataset_bet
                    whole_image_plan)
 from kernels_triton import ferkd_loss, region_category
 from models import (ARCHS, CHUNK_IMAGES, FERKD_DEFAULTS, build_model, check_thresholds, checkpoint_res,
-                    load_checkpoint, region_categories, save_checkpoint)
+                    load_checkpoint, region_categories, region_scores, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -70,6 +70,8 @@ class TrainConfig:
     t_mid: float = -1.0           # FerKD: t_low <= p_gt < t_mid is a hard region, trained on softened truth
     t_top: float = -1.0           # FerKD: regions with p_gt > t_top are dropped
     eps: float = 0.1              # FerKD: smoothing of hard regions' ground truth
+    thresholds: str = "p_gt"      # p_gt: t_* compare each region's p_gt | rank: its place in its image by
+                                  # p_gt, 0 (lowest) to 1 (highest): per-image hard-region mining
     mix: str = "none"             # none | cutmix | mixup: SelfMix (needs --crops >= 2), rows mix two regions
     mix_prob: float = 0.0         # probability that a row is mixed
     mix_alpha: float = 1.0        # lambda ~ Beta(alpha, alpha): the share of the row's own region
@@ -124,6 +126,8 @@ def check_config(c):
         raise UserError(f"--eps must be in [0, 1), got {c.eps}")
     if c.kd == "fkd" and (c.t_low, c.t_mid, c.t_top) != (0.0, 0.0, 1.0):
         raise UserError("--t_low/--t_mid/--t_top act only with --kd=ferkd")
+    if c.thresholds not in ("p_gt", "rank") or (c.thresholds == "rank" and c.kd != "ferkd"):
+        raise UserError(f"--thresholds takes p_gt or rank (rank with --kd=ferkd), got {c.thresholds!r}")
     if c.mix not in ("none", "cutmix", "mixup") or c.mix_source not in ("self", "batch"):
         raise UserError("--mix must be none, cutmix or mixup and --mix_source self or batch")
     if not 0 <= c.mix_prob <= 1 or c.mix_alpha <= 0:
@@ -165,7 +169,9 @@ def region_plans(c, header, table, heights, widths):
         return plan, fill, np.arange(N), None
 
     R, k = header["regions"], header["k"]
-    cat = region_categories(table, k, c.t_low, c.t_mid, c.t_top)
+    if c.thresholds == "rank" and R < 2:
+        raise UserError(f"--thresholds=rank ranks each image's regions: {c.labels} holds {R} per image")
+    cat = region_categories(table, k, c.t_low, c.t_mid, c.t_top, by_rank=c.thresholds == "rank")
     count = (cat > 0).sum(1)  # FerKD: dropped regions are never replayed
     kept_images = np.flatnonzero(count > 0)
 
@@ -206,10 +212,14 @@ def kd_loss(c, table, header):
     `partner`/`share` come from `mix_batch`: row r mixes its own region (weight share) with row
     partner[r]'s."""
     k, temperature = header["k"], float(header["temperature"])
+    # with --thresholds=rank the loss compares each region's place in its image where it would compare p_gt
+    scores = torch.from_numpy(region_scores(table, k, True)) if c.thresholds == "rank" else None
     table = torch.from_numpy(table)
 
     def loss(logits, labels, index, choice, partner, share):
         ids, probs, pgt = region_targets(table, k, index, choice, logits.device)
+        if scores is not None:
+            pgt = scores[index[:, None], choice[index]].flatten().to(logits.device).float() / 255
         ids, probs, pgt = (torch.stack([t, t[partner]], 1) for t in (ids, probs, pgt))  # M = 2 regions a row
         if c.mix_source == "batch":  # the partner is another image: its hard region's truth is its own class
             ids[:, 1], probs[:, 1], pgt[:, 1] = as_soft_label(ids[:, 1], probs[:, 1], pgt[:, 1],
@@ -508,7 +518,8 @@ def training_data(c, rank, world, device):
     shares = None
     if c.kd != "none":
         shares = [np.count_nonzero(category == i) / category.size for i in range(3)]
-        print0(f"regions at t_low={c.t_low} t_mid={c.t_mid} t_top={c.t_top}: dropped {shares[0]:.1%}, "
+        by = " by their place in the image" if c.thresholds == "rank" else ""
+        print0(f"regions{by} at t_low={c.t_low} t_mid={c.t_mid} t_top={c.t_top}: dropped {shares[0]:.1%}, "
                f"hard {shares[1]:.1%}, soft {shares[2]:.1%}; {len(kept_images)} of {len(heights)} images "
                f"keep one")
         if header.get("pgt_estimated"):  # imported FKD labels keep only the top-k (labels.py import)

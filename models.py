@@ -109,11 +109,31 @@ def check_thresholds(t_low, t_mid, t_top):
 CHUNK_IMAGES = 8192  # passes over the region table go this many images at a time: bounded temporaries
 
 
-def region_categories(table, k, t_low, t_mid, t_top):
+def rank_scores(pgt):
+    """Each region's place among its image's regions by p_gt, as a byte: round(255 place / (R - 1)), 0 for the
+    image's lowest p_gt and 255 for its highest (ties in stored order). Under --thresholds=rank FerKD's
+    thresholds compare this instead of p_gt: the paper's per-image hard-region mining, whose split adapts to
+    each image and teacher. pgt (n, R) uint8 stored p_gt bytes -> (n, R) uint8, R >= 2."""
+    R = pgt.shape[1]
+    place = np.argsort(np.argsort(pgt, axis=1, kind="stable"), axis=1)
+    return ((place * 510 + R - 1) // (2 * (R - 1))).astype(np.uint8)
+
+
+def region_scores(table, k, by_rank):
+    """What FerKD's thresholds compare for every stored region, (N, R) uint8 bytes of [0, 1]: the stored p_gt,
+    or its `rank_scores` within the image, a chunk of images at a time."""
+    pgt = table[..., 4 + 3 * k]
+    if not by_rank:
+        return pgt
+    return np.concatenate([rank_scores(pgt[s:s + CHUNK_IMAGES]) for s in range(0, len(pgt), CHUNK_IMAGES)])
+
+
+def region_categories(table, k, t_low, t_mid, t_top, by_rank=False):
     """FerKD's category of every stored region, (N, R) int8: 0 dropped, 1 hard, 2 soft (region_category on
-    the stored p_gt byte), computed a chunk of images at a time."""
+    the stored p_gt byte, or on its place in the image with `by_rank`), a chunk of images at a time."""
+    score = region_scores(table, k, by_rank)
     cat = np.empty(table.shape[:2], np.int8)
     for s in range(0, len(table), CHUNK_IMAGES):
-        pgt = torch.from_numpy(table[s:s + CHUNK_IMAGES, :, 4 + 3 * k]).float() / 255  # as unpack_regions
-        cat[s:s + CHUNK_IMAGES] = region_category(pgt, t_low, t_mid, t_top).numpy()
+        p = torch.from_numpy(np.ascontiguousarray(score[s:s + CHUNK_IMAGES])).float() / 255  # as unpacked
+        cat[s:s + CHUNK_IMAGES] = region_category(p, t_low, t_mid, t_top).numpy()
     return cat

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ferkd
+import models
 import beton
 from kernels_triton import region_category
 from conftest import cli
@@ -124,14 +125,17 @@ def test_threshold_defaults_follow_the_mode():
         ferkd.check_config(ferkd.TrainConfig(kd="fkd", labels="x", t_top=0.9))
 
 
-def dense_kd_loss(table, k, C, labels, index, choice, logits, partner, share, T, t_low, t_mid, t_top, eps):
+def dense_kd_loss(table, k, C, labels, index, choice, logits, partner, share, T, t_low, t_mid, t_top, eps,
+                  by_rank=False):
     """FKD/FerKD's loss written out densely in float64, row by row, from the raw record bytes: each region's
     target is the teacher's top-k with the rest spread evenly (soft), 1 - eps on its own image's class and
     eps / (C - 1) elsewhere (hard), or nothing (dropped); a row mixes its region and its partner's by share,
     renormalized over the kept ones; T^2 x the mean cross-entropy with softmax(z / T) over rows that keep
-    one."""
-    n = choice.shape[1]
-    rec = table[np.repeat(index, n), choice[index].reshape(-1)]  # (rows, D) each row's region
+    one. The thresholds compare the stored p_gt or, `by_rank`, the region's place among its image's regions
+    by p_gt (how many come before it in ascending order, stored order breaking ties) / (R - 1), as a byte."""
+    n, R = choice.shape[1], table.shape[1]
+    image, region = np.repeat(index, n), choice[index].reshape(-1)
+    rec = table[image, region]  # (rows, D) each row's region
     own_class = np.repeat(labels, n)
     total, kept_rows = 0.0, 0
     for r in range(len(rec)):
@@ -140,6 +144,10 @@ def dense_kd_loss(table, k, C, labels, index, choice, logits, partner, share, T,
             ids = rec[m, 4:4 + 2 * k].view(np.uint16) & 0x7FFF
             probs = rec[m, 4 + 2 * k:4 + 3 * k] / 255.0
             p = np.float32(rec[m, 4 + 3 * k]) / np.float32(255)  # p_gt as the trainer reads it
+            if by_rank:
+                pgt = table[image[m], :, 4 + 3 * k].astype(int)
+                place = (pgt < pgt[region[m]]).sum() + (pgt[:region[m]] == pgt[region[m]]).sum()
+                p = np.float32(np.floor(255 * place / (R - 1) + 0.5)) / np.float32(255)
             if not t_low <= p <= t_top or a == 0:
                 continue
             if p < t_mid:
@@ -157,11 +165,12 @@ def dense_kd_loss(table, k, C, labels, index, choice, logits, partner, share, T,
     return T * T * total / max(kept_rows, 1)
 
 
-@pytest.mark.parametrize("kd, thresholds, mix_source, T", [
-    ("fkd", (0.0, 0.0, 1.0), "self", 1.0), ("fkd", (0.0, 0.0, 1.0), "self", 2.0),
-    ("ferkd", (0.0, 0.0, 1.0), "self", 1.0), ("ferkd", (0.1, 0.4, 0.9), "self", 1.0),
-    ("ferkd", (0.1, 0.4, 0.9), "batch", 2.0)])
-def test_kd_loss_is_its_definition(kd, thresholds, mix_source, T):
+@pytest.mark.parametrize("kd, thresholds, mix_source, T, by", [
+    ("fkd", (0.0, 0.0, 1.0), "self", 1.0, "p_gt"), ("fkd", (0.0, 0.0, 1.0), "self", 2.0, "p_gt"),
+    ("ferkd", (0.0, 0.0, 1.0), "self", 1.0, "p_gt"), ("ferkd", (0.1, 0.4, 0.9), "self", 1.0, "p_gt"),
+    ("ferkd", (0.1, 0.4, 0.9), "batch", 2.0, "p_gt"), ("ferkd", (0.1, 0.6, 0.9), "batch", 1.0, "rank"),
+    ("ferkd", (0.0, 0.6, 1.0), "self", 1.0, "rank")])
+def test_kd_loss_is_its_definition(kd, thresholds, mix_source, T, by):
     """The trainer's loss on stored records (ferkd.kd_loss: record gather, unpacking, the partner's label
     under --mix_source, the loss at the header's temperature) against `dense_kd_loss` in float64. At neutral
     thresholds --kd=ferkd must give FKD's loss; at others, hard regions train on the softened truth of their
@@ -173,7 +182,7 @@ def test_kd_loss_is_its_definition(kd, thresholds, mix_source, T):
     table[..., 4:4 + 2 * k] = ids.astype(np.uint16).view(np.uint8).reshape(N, R, 2 * k)
     t_low, t_mid, t_top = thresholds
     c = ferkd.TrainConfig(kd=kd, labels="x", crops=n, t_low=t_low, t_mid=t_mid, t_top=t_top, eps=0.2,
-                          mix="cutmix", mix_source=mix_source)
+                          mix="cutmix", mix_source=mix_source, thresholds=by)
     labels = rng.integers(0, C, N)
     index, choice = np.arange(N), rng.integers(0, R, (N, n))
     rows = np.arange(N * n)
@@ -185,7 +194,7 @@ def test_kd_loss_is_its_definition(kd, thresholds, mix_source, T):
         torch.from_numpy(index), torch.from_numpy(choice), torch.from_numpy(partner),
         torch.tensor(share, dtype=torch.float32))
     want = dense_kd_loss(table, k, C, labels, index, choice, logits, partner, share, T, t_low, t_mid, t_top,
-                         0.2)
+                         0.2, by_rank=by == "rank")
     assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
@@ -204,3 +213,20 @@ def test_selfmix_lambda_is_beta_drawn_from_the_runs_generator(alpha):
     grid = torch.linspace(0, 1, 1001)
     cdf = lambda s: torch.searchsorted(s.sort().values, grid, right=True) / len(s)
     assert (cdf(lam) - cdf(ref)).abs().max() < 0.015
+
+
+def test_rank_thresholds_split_every_image_alike():
+    """--thresholds=rank: the thresholds compare each region's place among its image's regions by p_gt, so
+    every image is split the same way whatever its teacher's confidence. With R=11 places score 0, 0.1, ...,
+    1 (as bytes): at (0.05, 0.45, 0.95) the lowest and the highest are dropped, the next four are hard, the
+    five above them soft."""
+    rng = np.random.default_rng(3)
+    N, R, k = 40, 11, 5
+    table = fake_table(N=N, R=R)
+    top = rng.integers(R, 256, N)  # images from unsure (p_gt all below 11/255) to sure: distinct p_gt each
+    table[..., 4 + 3 * k] = np.stack([rng.choice(t, R, replace=False) for t in top]).astype(np.uint8)
+    cat = models.region_categories(table, k, 0.05, 0.45, 0.95, by_rank=True)
+    ascending = np.take_along_axis(cat, np.argsort(table[..., 4 + 3 * k], axis=1, kind="stable"), axis=1)
+    assert (ascending == [0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 0]).all()
+    by_value = models.region_categories(table, k, 0.05, 0.45, 0.95)  # absolute thresholds differ per image
+    assert len({tuple(np.bincount(row, minlength=3)) for row in by_value}) > 1
