@@ -240,9 +240,9 @@ def teacher_probs(model, x, device, temperature):
 
 
 def write_images(mode, ds, partial, state, key, R, D):
-    """Phase 1 (rank 0): the images, with all-zero region records, through one writer process (FFCV's workers
-    take chunks from a queue, so with several the layout would vary); then the state that makes the rest
-    resumable. Skipped when an earlier run got this far."""
+    """Phase 1 (rank 0): the images, with all-zero region records, through `write_beton` (encoded on every
+    core, written in index order by one thread, so the layout is the same every time); then the state that
+    makes the rest resumable. Skipped when an earlier run got this far."""
     if mode == "finished":
         shutil.rmtree(state)
     if mode != "fresh":
