@@ -327,6 +327,33 @@ def finish(partial, state, out, header):
     shutil.rmtree(state)
 
 
+def run_chunks(c, key, ds, R, D, chunk, rank, world, fill):
+    """What `build` and `import` share around their phase 2: resume or start afresh (phase 1 on rank 0, the
+    other ranks waiting for it or stopping with its error), then fill(partial, state, todo) on this rank's
+    unfinished chunks (rank r takes chunks r, r + W, ...). Returns (partial, state, each chunk's state) on
+    rank 0 once every chunk is done, for phase 3; None on the other ranks, or when an earlier run finished."""
+    out = Path(c.out)
+    partial, state = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.d")
+    mode = previous_build(c, key, out, partial, state)
+    barrier()  # every rank has read the old state before rank 0 changes it
+    on_rank0(lambda: write_images(mode, ds, partial, state, key, R, D))
+    if mode == "finished":
+        print0(f"{out} was already built; removed the leftover {state}")
+        return None
+    N = len(ds.labels)
+    n_chunks = -(-N // chunk)
+    mine = range(rank, n_chunks, world)
+    todo = [i for i in mine if not (state / f"c{i:06d}.json").exists()]
+    print0(f"{N} images in {n_chunks} chunks of {chunk}, {world} process(es); "
+           f"rank 0: {len(todo)} chunks to do, {len(mine) - len(todo)} done before")
+    # an error on any rank (a full disk, a damaged image or label file) stops every rank with its one line;
+    # the chunks done so far stay for the re-run
+    on_all_ranks(lambda: todo and fill(partial, state, todo))
+    if rank != 0:
+        return None
+    return partial, state, [json.loads((state / f"c{i:06d}.json").read_text()) for i in range(n_chunks)]
+
+
 def build(**flags):
     """Build a label file: write the images (phase 1), run the teacher on every region through the trainer's
     own decoder chunk by chunk and write its top-k and p_gt in (phase 2), then attach the header and rename
@@ -345,7 +372,6 @@ def build(**flags):
     model.to(device).to(memory_format=torch.channels_last)
     per_batch = max(1, c.batch_size // (R + 1))  # images per teacher forward
     chunk = -(-c.chunk // per_batch) * per_batch  # whole batches, so batches never straddle two chunks
-    n_chunks = -(-N // chunk)
     print0(f"build: {json.dumps(dataclasses.asdict(c))}")
     fingerprint = ds.fingerprint()
     # everything that can change a byte of the output: a partial build is only resumed under the same key
@@ -354,29 +380,14 @@ def build(**flags):
         temperature=c.temperature, seed=c.seed, res=c.res, scale_min=c.scale_min, batch_images=per_batch,
         chunk=chunk, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__)))
-    out = Path(c.out)
-    partial, state = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.d")
     t0 = time.time()
-    mode = previous_build(c, key, out, partial, state)
-    barrier()  # every rank has read the old state before rank 0 changes it
-    # the other ranks wait, or stop with rank 0's error (a corrupt image, a full disk)
-    on_rank0(lambda: write_images(mode, ds, partial, state, key, R, D))
-    if mode == "finished":
-        print0(f"{out} was already built; removed the leftover {state}")
+    result = run_chunks(c, key, ds, R, D, chunk, rank, world, lambda partial, state, todo: label_chunks(
+        c, model, teacher_id, device, partial, state, todo, chunk, rank == 0))
+    if result is None:
         return None
-
-    mine = range(rank, n_chunks, world)
-    todo = [i for i in mine if not (state / f"c{i:06d}.json").exists()]
-    print0(f"{N} images in {n_chunks} chunks of {chunk}, {world} process(es); "
-           f"rank 0: {len(todo)} chunks to do, {len(mine) - len(todo)} done before")
-    # an error on any rank (a full disk, a damaged image) stops every rank with its one line
-    on_all_ranks(lambda: todo and label_chunks(c, model, teacher_id, device, partial, state, todo, chunk,
-                                               rank == 0))
-    if rank != 0:
-        return None
-
+    partial, state, done = result
+    out = Path(c.out)
     # the teacher's accuracies summed over every chunk, whoever computed it
-    done = [json.loads((state / f"c{i:06d}.json").read_text()) for i in range(n_chunks)]
     region_hits, image_hits = sum(d["region_hits"] for d in done), sum(d["image_hits"] for d in done)
     finish(partial, state, out, dict(
         schema=SCHEMA_VERSION, dataset=ds.name, fingerprint=fingerprint, images=N, classes=ds.classes,
@@ -609,32 +620,18 @@ def import_fkd(**flags):
         raise UserError(f"FKD's labels keep the top {k} classes, --data has {C}: it needs more than k "
                         f"(and at most 32768)")
     res, N, D, chunk = c.res or ds.res, len(keep), region_bytes(k), c.chunk
-    n_chunks = -(-N // chunk)
     print0(f"import: {json.dumps(dict(dataclasses.asdict(c), regions=R, res=res))}")
     source = f"fkd:{fkd_dir}"
     key = json.loads(json.dumps(dict(
         schema=SCHEMA_VERSION, source=source, data=ds.name, fingerprint=fingerprint,
         images=hashlib.sha256(keep.tobytes()).hexdigest()[:16], regions=R, k=k, res=res, chunk=chunk)))
-    out = Path(c.out)
-    partial, state = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.d")
     t0 = time.time()
-    mode = previous_build(c, key, out, partial, state)
-    barrier()  # every rank has read the old state before rank 0 changes it
-    on_rank0(lambda: write_images(mode, ds, partial, state, key, R, D))
-    if mode == "finished":
-        print0(f"{out} was already built; removed the leftover {state}")
+    result = run_chunks(c, key, ds, R, D, chunk, rank, world, lambda partial, state, todo: import_chunks(
+        ds, label_paths, partial, state, todo, chunk, R, k, rank == 0))
+    if result is None:
         return None
-
-    mine = range(rank, n_chunks, world)
-    todo = [i for i in mine if not (state / f"c{i:06d}.json").exists()]
-    print0(f"{N} images in {n_chunks} chunks of {chunk}, {world} process(es); "
-           f"rank 0: {len(todo)} chunks to do, {len(mine) - len(todo)} done before")
-    # a bad file on any rank stops every rank with its one line (work done so far stays for the re-run)
-    on_all_ranks(lambda: import_chunks(ds, label_paths, partial, state, todo, chunk, R, k, rank == 0))
-    if rank != 0:
-        return None
-
-    done = [json.loads((state / f"c{i:06d}.json").read_text()) for i in range(n_chunks)]
+    partial, state, done = result
+    out = Path(c.out)
     estimated, hits = sum(d["pgt_estimated"] for d in done), sum(d["region_hits"] for d in done)
     checksum = hashlib.sha256("".join(d["sha256"] for d in done).encode()).hexdigest()[:16]
     finish(partial, state, out, dict(
