@@ -1,6 +1,7 @@
 """
 Studies that choose and test ferkd's defaults on Fashion-MNIST, each resumable (finished runs are read back
-from its results file, one JSON row per run, so a study can be stopped and re-run across sessions):
+from its results file, one JSON row per run, and a run stopped part-way, teacher or student, resumes from its
+last checkpoint, so a study can be stopped and re-run across sessions):
 
     python ablation.py run                  # the 4-epoch ablation behind the README's current Results
     python ablation.py table
@@ -106,8 +107,8 @@ def run(study="small", settings=None, seeds=SEEDS):
     s = STUDIES[study]
     s["results"].parent.mkdir(exist_ok=True)
     teacher, labels = s["runs"] / "teacher", s["runs"] / "labels.beton"
-    if not (teacher / "final.pt").exists():
-        sh("ferkd.py", "train", "--data=fashion-mnist", *s["teacher"], f"--run_dir={teacher}", "--overwrite")
+    if not (teacher / "final.pt").exists():  # a run stopped part-way resumes from its last checkpoint
+        sh("ferkd.py", "train", "--data=fashion-mnist", *s["teacher"], f"--run_dir={teacher}")
     teacher_top1 = json.loads((teacher / "final.json").read_text())["top1"]
     if not labels.exists():
         sh("labels.py", "build", "--data=fashion-mnist", f"--teacher={teacher / 'final.pt'}",
@@ -122,11 +123,12 @@ def run(study="small", settings=None, seeds=SEEDS):
                 extra = s["settings"][name] + ([] if name == "CE" else [f"--labels={labels}"])
                 run_dir = s["runs"] / f"{name.replace(' ', '_').replace('/', '-')}-e{epochs}-s{seed}"
                 t0 = time.time()
-                out = sh("ferkd.py", "train", "--data=fashion-mnist", *s["student"], f"--epochs={epochs}",
-                         *extra, f"--seed={seed}", f"--run_dir={run_dir}", "--overwrite")
+                if not (run_dir / "final.json").exists():  # else it finished but was not recorded yet
+                    sh("ferkd.py", "train", "--data=fashion-mnist", *s["student"], f"--epochs={epochs}",
+                       *extra, f"--seed={seed}", f"--run_dir={run_dir}")  # resumes a run stopped part-way
                 log = (run_dir / "metrics.jsonl").read_text().splitlines()
                 row = dict(setting=name, seed=seed, epochs=epochs, flags=s["student"] + extra,
-                           top1=json.loads(out.strip().splitlines()[-1])["top1"],
+                           top1=json.loads((run_dir / "final.json").read_text())["top1"],
                            top1_per_epoch=[json.loads(line)["top1"] for line in log],
                            wall_s=round(time.time() - t0, 1), git=git_revision(), teacher_top1=teacher_top1)
                 with open(s["results"], "a") as f:
