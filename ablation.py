@@ -88,10 +88,12 @@ def sh(*args):
 
 
 def git_revision():
-    """The commit the run trained at, `-dirty` if the tree had changes: every raw row carries it."""
-    rev = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
-                         text=True)
-    return rev.stdout.strip() or "unknown"
+    """The commit the run trained at, `-dirty` if a tracked .py file differed from it (results files may
+    change while a study runs): every raw row carries it."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+    rev = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no", "--", "*.py") else "")
 
 
 def done(study):
