@@ -1,11 +1,13 @@
 """
 Studies that choose and test ferkd's defaults on Fashion-MNIST, each resumable (finished runs are read back
-from its results file, one JSON row per run, so a study can be stopped and re-run across sessions):
+from its results file, one JSON row per run, and a run stopped part-way, teacher or student, resumes from its
+last checkpoint, so a study can be stopped and re-run across sessions):
 
     python ablation.py run                  # the 4-epoch ablation behind the README's current Results
     python ablation.py table
     python ablation.py run --study=regime   # issue 16: a regime nearer the papers' (hours of CPU; run alone)
     python ablation.py table --study=regime
+    python ablation.py plot --study=regime  # per-epoch curves and top-1 against schedule length, one PNG
 
 "small" (README's current table): a small32 teacher trained with CE and label smoothing for 4 epochs on all
 60,000 training images (88.5% test top-1; the demo's teacher); its labels with 4 regions per image, top-5;
@@ -86,10 +88,12 @@ def sh(*args):
 
 
 def git_revision():
-    """The commit the run trained at, `-dirty` if the tree had changes: every raw row carries it."""
-    rev = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
-                         text=True)
-    return rev.stdout.strip() or "unknown"
+    """The commit the run trained at, `-dirty` if a tracked .py file differed from it (results files may
+    change while a study runs): every raw row carries it."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+    rev = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no", "--", "*.py") else "")
 
 
 def done(study):
@@ -105,8 +109,8 @@ def run(study="small", settings=None, seeds=SEEDS):
     s = STUDIES[study]
     s["results"].parent.mkdir(exist_ok=True)
     teacher, labels = s["runs"] / "teacher", s["runs"] / "labels.beton"
-    if not (teacher / "final.pt").exists():
-        sh("ferkd.py", "train", "--data=fashion-mnist", *s["teacher"], f"--run_dir={teacher}", "--overwrite")
+    if not (teacher / "final.pt").exists():  # a run stopped part-way resumes from its last checkpoint
+        sh("ferkd.py", "train", "--data=fashion-mnist", *s["teacher"], f"--run_dir={teacher}")
     teacher_top1 = json.loads((teacher / "final.json").read_text())["top1"]
     if not labels.exists():
         sh("labels.py", "build", "--data=fashion-mnist", f"--teacher={teacher / 'final.pt'}",
@@ -121,11 +125,12 @@ def run(study="small", settings=None, seeds=SEEDS):
                 extra = s["settings"][name] + ([] if name == "CE" else [f"--labels={labels}"])
                 run_dir = s["runs"] / f"{name.replace(' ', '_').replace('/', '-')}-e{epochs}-s{seed}"
                 t0 = time.time()
-                out = sh("ferkd.py", "train", "--data=fashion-mnist", *s["student"], f"--epochs={epochs}",
-                         *extra, f"--seed={seed}", f"--run_dir={run_dir}", "--overwrite")
+                if not (run_dir / "final.json").exists():  # else it finished but was not recorded yet
+                    sh("ferkd.py", "train", "--data=fashion-mnist", *s["student"], f"--epochs={epochs}",
+                       *extra, f"--seed={seed}", f"--run_dir={run_dir}")  # resumes a run stopped part-way
                 log = (run_dir / "metrics.jsonl").read_text().splitlines()
                 row = dict(setting=name, seed=seed, epochs=epochs, flags=s["student"] + extra,
-                           top1=json.loads(out.strip().splitlines()[-1])["top1"],
+                           top1=json.loads((run_dir / "final.json").read_text())["top1"],
                            top1_per_epoch=[json.loads(line)["top1"] for line in log],
                            wall_s=round(time.time() - t0, 1), git=git_revision(), teacher_top1=teacher_top1)
                 with open(s["results"], "a") as f:
@@ -145,11 +150,55 @@ def table(study="small"):
             top1 = [r["top1"] for r in got]
             std = statistics.stdev(top1) if len(top1) > 1 else float("nan")
             curve = [statistics.mean(c) for c in zip(*[r["top1_per_epoch"] for r in got])]
+            shown = range(1, len(curve) + 1) if len(curve) <= 8 else sorted(
+                {max(1, round(len(curve) * q)) for q in (0.25, 0.5, 0.75, 1)})  # long curves: quarters
+            by_epoch = " ".join(("" if len(curve) <= 8 else f"e{e}: ") + f"{curve[e - 1]:.1f}" for e in shown)
             flags = " ".join(f for f in got[0]["flags"] if f.startswith(("--kd", "--t_", "--eps", "--mix",
                                                                            "--thresholds")))
             print(f"| {name} | {epochs} | {len(got)} | {statistics.mean(top1):.2f} ± {std:.2f} | "
-                  f"{' '.join(f'{v:.1f}' for v in curve)} | `{flags}` |")
+                  f"{by_epoch} | `{flags}` |")
+
+
+def plot(study="regime", out=None):
+    """Left: mean test top-1 by epoch of each setting's full-schedule runs (band: ± one std over seeds).
+    Right: final top-1 against schedule length for the settings also trained as shorter runs of their own
+    (each with its own warm-up and cosine), mean ± std: the convergence claim as it is meant."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    rows, s = done(study), STUDIES[study]
+    out = Path(out or s["results"].with_suffix(".png"))
+    fig, (curves, schedules) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for name in s["settings"]:
+        runs = [r["top1_per_epoch"] for (n, _, e), r in rows.items() if n == name and e == s["epochs"]]
+        if not runs:
+            continue
+        per_epoch = list(zip(*runs))
+        mean = [statistics.mean(v) for v in per_epoch]
+        std = [statistics.stdev(v) if len(v) > 1 else 0 for v in per_epoch]
+        x = range(1, len(mean) + 1)
+        line, = curves.plot(x, mean, label=f"{name} ({len(runs)} seeds)")
+        curves.fill_between(x, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                            color=line.get_color(), alpha=0.15)
+        if name in s["schedules"]:
+            got = {e: [r["top1"] for (n, _, e2), r in rows.items() if n == name and e2 == e]
+                   for e in sorted({e for (n, _, e) in rows if n == name})}
+            schedules.errorbar(list(got), [statistics.mean(v) for v in got.values()],
+                               yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in got.values()],
+                               marker="o", capsize=3, color=line.get_color(), label=name)
+    curves.set(xlabel="epoch", ylabel="test top-1 %",
+               title=f"{s['epochs']}-epoch runs, mean ± std over seeds")
+    low, high = curves.get_ylim()
+    curves.set_ylim(max(low, high - 15), high)  # the first epochs can sit far below the rest
+    schedules.set(xlabel="epochs of the run (own warm-up and cosine)", ylabel="final test top-1 %",
+                  title="separate runs at shorter schedules")
+    for ax in (curves, schedules):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    fire.Fire({"run": run, "table": table})
+    fire.Fire({"run": run, "table": table, "plot": plot})

@@ -1,8 +1,19 @@
 """Shared by the test files: the project root on sys.path, a CLI runner, and one digits teacher + label file
-built through the command line for the whole session."""
+built through the command line for the whole session.
+
+The CLI runner forks each command from a warm interpreter that has already imported torch, torchvision, FFCV
+and the project's modules (about 7 s of a command's start on 2 cores, most of it FFCV's numba Dict and
+torch._dynamo), then runs the script as `__main__` with its own argv, cwd, stdin, stdout and stderr: the same
+code path as `python SCRIPT ARGS`, minus the imports. Commands whose environment differs from the warm
+interpreter's start as fresh processes, and so do the tests that need one (torchrun, signals, rlimits: they
+call subprocess themselves)."""
 import json
+import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,11 +22,74 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tests import the top-level scripts
 R, K = 6, 5
 
+WARM = r"""
+import json, os, runpy, sys
+sys.path.insert(0, sys.argv[1])
+import fire, numpy, torch, torchvision, tqdm
+import beton, kernels_triton, models  # beton imports FFCV (keeping torch's thread count, as in any run)
+sys.path.pop(0)
+while True:  # a request per line, [cwd, argv, stdout path, stderr path]; answers the child's pid, then status
+    line = sys.stdin.readline()
+    if not line:
+        os._exit(0)
+    cwd, argv, out, err = json.loads(line)
+    sys.stdout.flush(), sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        break
+    print(pid, flush=True)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+# the child: become `python SCRIPT ARGS` run in cwd; leaving this file exits as that command would
+os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+for fd, path in ((1, out), (2, err)):
+    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+sys.stdin = open(os.devnull)
+os.chdir(cwd)
+script = os.path.abspath(argv[0])
+sys.argv, sys.path[0] = argv, os.path.dirname(script)
+runpy.run_path(script, run_name="__main__")
+"""
+_warm = {}
 
-def cli(*args, cwd=ROOT, check=True):
-    """Run one of the project's commands; returns the CompletedProcess (stdout+stderr as text)."""
-    p = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                       timeout=500)
+
+def _environment():
+    return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # pytest's, set per test
+
+
+def _warm_interpreter():
+    if "p" not in _warm or _warm["p"].poll() is not None:
+        _warm["env"] = _environment()
+        _warm["p"] = subprocess.Popen([sys.executable, "-c", WARM, str(ROOT)], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, bufsize=1)
+    return _warm["p"]
+
+
+def _run_warm(args, cwd, timeout):
+    warm, pid = _warm_interpreter(), None
+    with tempfile.TemporaryDirectory() as d:
+        out, err = Path(d) / "stdout", Path(d) / "stderr"
+        try:
+            warm.stdin.write(json.dumps([str(cwd), args, str(out), str(err)]) + "\n")
+            pid = int(warm.stdout.readline())
+            if not select.select([warm.stdout], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(args, timeout, out.read_text(), err.read_text())
+            code = int(warm.stdout.readline())
+        except BaseException:  # a timeout, pytest-timeout's or ^C: end the command and the warm interpreter
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+            warm.kill()
+            raise
+        return subprocess.CompletedProcess([sys.executable, *args], code, out.read_text(), err.read_text())
+
+
+def cli(*args, cwd=ROOT, check=True, timeout=500):
+    """Run one of the project's commands, `python SCRIPT ARGS` in cwd; returns the CompletedProcess (stdout
+    and stderr as text). Forked from the warm interpreter unless the environment changed since it started."""
+    args = list(map(str, args))
+    if _warm.get("env", _environment()) == _environment():
+        p = _run_warm(args, cwd, timeout)
+    else:
+        p = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

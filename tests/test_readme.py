@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cli
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -33,8 +33,7 @@ def test_readme_usage_commands_run(tmp_path):
         args = [a.replace("--data=fashion-mnist", "--data=digits") for a in shlex.split(command)[1:]]
         if args[1] == "train":
             args = [a for a in args if not a.startswith("--epochs=")] + ["--epochs=1", "--batch_size=64"]
-        p = subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=600)
+        p = cli(ROOT / args[0], *args[1:], cwd=tmp_path, check=False, timeout=600)
         assert p.returncode == 0, f"{command}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
     for out in ("runs/teacher/final.pt", "data/fm.beton", "regions.png", "runs/fkd/final.pt",
                 "runs/ferkd/final.pt", "fkd.pt2", "curves.png"):
