@@ -1,12 +1,11 @@
 """Shared by the test files: the project root on sys.path, a CLI runner, and one digits teacher + label file
 built through the command line for the whole session.
 
-The CLI runner forks each command from a warm interpreter that has already imported torch, torchvision, FFCV
-and the project's modules (about 7 s of a command's start on 2 cores, most of it FFCV's numba Dict and
-torch._dynamo), then runs the script as `__main__` with its own argv, cwd, stdin, stdout and stderr: the same
-code path as `python SCRIPT ARGS`, minus the imports. Commands whose environment differs from the warm
-interpreter's start as fresh processes, and so do the tests that need one (torchrun, signals, rlimits: they
-call subprocess themselves)."""
+The CLI runner forks each command from a warm interpreter that has already imported torch, torchvision,
+FFCV, scikit-learn and the project's modules (8 s of a command's start on 2 cores, most of it FFCV's numba
+Dict, torch and torch._dynamo), then runs the script as `__main__` with its own argv, cwd, stdin, stdout and
+stderr: the same code path as `python SCRIPT ARGS`, minus the imports. Tests that need a fresh process or
+another environment (torchrun, signals, rlimits, TRITON_INTERPRET) call subprocess themselves."""
 import json
 import os
 import select
@@ -23,11 +22,12 @@ sys.path.insert(0, str(ROOT))  # the tests import the top-level scripts
 R, K = 6, 5
 
 WARM = r"""
-import json, os, runpy, sys
+import gc, json, os, runpy, sys
 sys.path.insert(0, sys.argv[1])
-import fire, numpy, torch, torchvision, tqdm
+import fire, numpy, sklearn.datasets, timm, torch, torch.utils.tensorboard, torchvision, tqdm
 import beton, kernels_triton, models  # beton imports FFCV (keeping torch's thread count, as in any run)
 sys.path.pop(0)
+gc.freeze()  # the children's collector leaves these objects alone: no copy-on-write of the whole heap at exit
 while True:  # a request per line, [cwd, argv, stdout path, stderr path]; answers the child's pid, then status
     line = sys.stdin.readline()
     if not line:
@@ -49,23 +49,17 @@ script = os.path.abspath(argv[0])
 sys.argv, sys.path[0] = argv, os.path.dirname(script)
 runpy.run_path(script, run_name="__main__")
 """
-_warm = {}
+_warm = []  # the warm interpreter, started by the first command
 
 
-def _environment():
-    return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # pytest's, set per test
-
-
-def _warm_interpreter():
-    if "p" not in _warm or _warm["p"].poll() is not None:
-        _warm["env"] = _environment()
-        _warm["p"] = subprocess.Popen([sys.executable, "-c", WARM, str(ROOT)], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True, bufsize=1)
-    return _warm["p"]
-
-
-def _run_warm(args, cwd, timeout):
-    warm, pid = _warm_interpreter(), None
+def cli(*args, cwd=ROOT, check=True, timeout=500):
+    """Run one of the project's commands, `python SCRIPT ARGS` in cwd, forked from the warm interpreter (in
+    the environment it started with); returns the CompletedProcess (stdout and stderr as text)."""
+    args = list(map(str, args))
+    if not _warm or _warm[0].poll() is not None:
+        _warm[:] = [subprocess.Popen([sys.executable, "-c", WARM, str(ROOT)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)]
+    warm, pid = _warm[0], None
     with tempfile.TemporaryDirectory() as d:
         out, err = Path(d) / "stdout", Path(d) / "stderr"
         try:
@@ -79,17 +73,7 @@ def _run_warm(args, cwd, timeout):
                 os.kill(pid, signal.SIGKILL)
             warm.kill()
             raise
-        return subprocess.CompletedProcess([sys.executable, *args], code, out.read_text(), err.read_text())
-
-
-def cli(*args, cwd=ROOT, check=True, timeout=500):
-    """Run one of the project's commands, `python SCRIPT ARGS` in cwd; returns the CompletedProcess (stdout
-    and stderr as text). Forked from the warm interpreter unless the environment changed since it started."""
-    args = list(map(str, args))
-    if _warm.get("env", _environment()) == _environment():
-        p = _run_warm(args, cwd, timeout)
-    else:
-        p = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.CompletedProcess([sys.executable, *args], code, out.read_text(), err.read_text())
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
