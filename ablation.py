@@ -139,24 +139,38 @@ def run(study="small", settings=None, seeds=SEEDS):
     table(study)
 
 
+def mean_std(values):
+    std = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+
+
+def paired(rows, name, base, epochs):
+    """Top-1 of `name` minus `base`'s, seed by seed at the same schedule (a seed fixes the initial weights and
+    the data order, so a pair differs in the setting), as mean ± std over the seeds both have; '' if none."""
+    diff = [r["top1"] - rows[(base, seed, epochs)]["top1"] for (n, seed, e), r in rows.items()
+            if n == name and e == epochs and (base, seed, epochs) in rows]
+    return f"{mean_std(diff)} ({len(diff)})" if diff and name != base else ""
+
+
 def table(study="small"):
-    """Markdown table: mean ± std of the final top-1 per setting and schedule, and the mean curve."""
+    """Markdown table: mean ± std of the final top-1 per setting and schedule, its seed-paired differences to
+    CE and to FKD, and the mean curve."""
     rows = done(study)
-    print("| setting | epochs | runs | top-1 % (mean ± std) | top-1 by epoch (mean) | flags |")
-    print("|---|---|---|---|---|---|")
+    print("| setting | epochs | runs | top-1 % (mean ± std) | Δ vs CE (paired) | Δ vs FKD (paired) "
+          "| top-1 by epoch (mean) | flags |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in STUDIES[study]["settings"]:
         for epochs in sorted({e for (n, _, e) in rows if n == name}, reverse=True):
             got = [r for (n, _, e), r in rows.items() if n == name and e == epochs]
-            top1 = [r["top1"] for r in got]
-            std = statistics.stdev(top1) if len(top1) > 1 else float("nan")
             curve = [statistics.mean(c) for c in zip(*[r["top1_per_epoch"] for r in got])]
             shown = range(1, len(curve) + 1) if len(curve) <= 8 else sorted(
                 {max(1, round(len(curve) * q)) for q in (0.25, 0.5, 0.75, 1)})  # long curves: quarters
             by_epoch = " ".join(("" if len(curve) <= 8 else f"e{e}: ") + f"{curve[e - 1]:.1f}" for e in shown)
             flags = " ".join(f for f in got[0]["flags"] if f.startswith(("--kd", "--t_", "--eps", "--mix",
                                                                            "--thresholds")))
-            print(f"| {name} | {epochs} | {len(got)} | {statistics.mean(top1):.2f} ± {std:.2f} | "
-                  f"{by_epoch} | `{flags}` |")
+            print(f"| {name} | {epochs} | {len(got)} | {mean_std([r['top1'] for r in got])} | "
+                  f"{paired(rows, name, 'CE', epochs)} | {paired(rows, name, 'FKD', epochs)} | {by_epoch} | "
+                  f"`{flags}` |")
 
 
 def plot(study="regime", out=None):
