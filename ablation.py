@@ -139,6 +139,11 @@ def run(study="small", settings=None, seeds=SEEDS):
     table(study)
 
 
+def runs_of(rows, name, epochs):
+    """The recorded runs of one setting at one schedule, one per seed."""
+    return [r for (n, _, e), r in rows.items() if n == name and e == epochs]
+
+
 def mean_std(values):
     std = statistics.stdev(values) if len(values) > 1 else float("nan")
     return f"{statistics.mean(values):.2f} ± {std:.2f}"
@@ -161,7 +166,7 @@ def table(study="small"):
     print("|---|---|---|---|---|---|---|---|")
     for name in STUDIES[study]["settings"]:
         for epochs in sorted({e for (n, _, e) in rows if n == name}, reverse=True):
-            got = [r for (n, _, e), r in rows.items() if n == name and e == epochs]
+            got = runs_of(rows, name, epochs)
             curve = [statistics.mean(c) for c in zip(*[r["top1_per_epoch"] for r in got])]
             shown = range(1, len(curve) + 1) if len(curve) <= 8 else sorted(
                 {max(1, round(len(curve) * q)) for q in (0.25, 0.5, 0.75, 1)})  # long curves: quarters
@@ -184,7 +189,7 @@ def plot(study="regime", out=None):
     out = Path(out or s["results"].with_suffix(".png"))
     fig, (curves, schedules) = plt.subplots(1, 2, figsize=(13, 4.8))
     for name in s["settings"]:
-        runs = [r["top1_per_epoch"] for (n, _, e), r in rows.items() if n == name and e == s["epochs"]]
+        runs = [r["top1_per_epoch"] for r in runs_of(rows, name, s["epochs"])]
         if not runs:
             continue
         per_epoch = list(zip(*runs))
@@ -195,8 +200,8 @@ def plot(study="regime", out=None):
         curves.fill_between(x, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
                             color=line.get_color(), alpha=0.15)
         if name in s["schedules"]:
-            got = {e: [r["top1"] for (n, _, e2), r in rows.items() if n == name and e2 == e]
-                   for e in sorted({e for (n, _, e) in rows if n == name})}
+            lengths = sorted({e for (n, _, e) in rows if n == name})
+            got = {e: [r["top1"] for r in runs_of(rows, name, e)] for e in lengths}
             schedules.errorbar(list(got), [statistics.mean(v) for v in got.values()],
                                yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in got.values()],
                                marker="o", capsize=3, color=line.get_color(), label=name)
