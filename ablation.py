@@ -14,7 +14,7 @@ last checkpoint, so a study can be stopped and re-run across sessions):
 students small16 on the first 10,000 images (a low-data student, where distillation has room to help), 2 crops
 per image, 4 epochs, 3 seeds.
 
-"regime" (issue 16; fixed before any of it ran, not tuned to an answer): a small64 teacher trained for 15
+"regime" (issue 16; fixed before any of it ran, not tuned to an answer): a small64 teacher trained for 30
 epochs without label smoothing (so p_gt reaches the top band and t_top has something to act on); its labels
 with R=32 regions per image, top-5; students small16 on the first 10,000 images, 2 crops per image (as FKD's
 --num_crops), 30 epochs, 3 seeds. Arms: CE, FKD, FerKD with absolute thresholds (the small study's
@@ -22,6 +22,9 @@ calibration, 0.02 / 0.2 / 0.995) and with per-image rank thresholds (drop the lo
 image's regions by p_gt, the next 20% above the lowest are hard: 0.05 / 0.25 / 0.95), each with and without
 SelfMix, and SelfMix against CutMix across images. Convergence: CE, FKD and both FerKD variants with SelfMix
 also train as separate runs of 25% and 50% of the epochs, each with its own warm-up and cosine.
+The teacher first trained for 15 epochs (92.21%), 2.94 points above the CE student, short of the 3 points
+issue 16 asks of it; it was replaced by the 30-epoch one before any distillation arm ran. The CE rows, which
+read neither teacher nor labels, ran beside the first one and record its 92.21%.
 
 Every row records the flags, the git revision and the teacher's test top-1. Seeds are independent: data
 orders and SelfMix draws come from hashes of (seed, epoch) and (seed, rank), not seed + epoch.
@@ -60,7 +63,7 @@ STUDIES = {
         }),
     "regime": dict(
         runs=Path("runs/study"), results=Path("results/study.jsonl"),
-        teacher=["--kd=none", "--arch=small64", "--epochs=15", "--batch_size=256", "--label_smoothing=0"],
+        teacher=["--kd=none", "--arch=small64", "--epochs=30", "--batch_size=256", "--label_smoothing=0"],
         labels=["--regions=32", "--k=5", "--seed=0"],
         student=["--arch=small16", "--batch_size=128", "--crops=2", "--subset=10000"], epochs=30,
         schedules={"CE": (0.25, 0.5), "FKD": (0.25, 0.5), "FerKD + SelfMix": (0.25, 0.5),
