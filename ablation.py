@@ -39,7 +39,8 @@ from pathlib import Path
 
 import fire
 
-FERKD = ["--kd=ferkd", "--t_low=0.02", "--t_mid=0.2", "--t_top=0.995", "--eps=0.1"]
+P_GT = ["--kd=ferkd", "--thresholds=p_gt"]  # stated, so the arms never follow --kd=ferkd's defaults
+FERKD = P_GT + ["--t_low=0.02", "--t_mid=0.2", "--t_top=0.995", "--eps=0.1"]
 RANK = ["--kd=ferkd", "--thresholds=rank", "--t_low=0.05", "--t_mid=0.25", "--t_top=0.95", "--eps=0.1"]
 SELFMIX = ["--mix=cutmix", "--mix_prob=0.5"]
 STUDIES = {
@@ -56,11 +57,11 @@ STUDIES = {
             "FerKD + SelfMix cutmix": FERKD + SELFMIX,
             "FerKD + cutmix across images": FERKD + SELFMIX + ["--mix_source=batch"],
             "FKD + SelfMix cutmix": ["--kd=fkd"] + SELFMIX,
-            "hard only t_mid=0.2": ["--kd=ferkd", "--t_low=0", "--t_mid=0.2", "--t_top=1"],
-            "FerKD t_mid=0.4": ["--kd=ferkd", "--t_low=0.02", "--t_mid=0.4", "--t_top=0.995", "--eps=0.1"],
-            "drop only 0.02/0.995": ["--kd=ferkd", "--t_low=0.02", "--t_mid=0.02", "--t_top=0.995"],
-            "FerKD eps=0.3": ["--kd=ferkd", "--t_low=0.02", "--t_mid=0.2", "--t_top=0.995", "--eps=0.3"],
-            "FerKD t_top=0.95": ["--kd=ferkd", "--t_low=0.02", "--t_mid=0.2", "--t_top=0.95", "--eps=0.1"],
+            "hard only t_mid=0.2": P_GT + ["--t_low=0", "--t_mid=0.2", "--t_top=1"],
+            "FerKD t_mid=0.4": P_GT + ["--t_low=0.02", "--t_mid=0.4", "--t_top=0.995", "--eps=0.1"],
+            "drop only 0.02/0.995": P_GT + ["--t_low=0.02", "--t_mid=0.02", "--t_top=0.995"],
+            "FerKD eps=0.3": P_GT + ["--t_low=0.02", "--t_mid=0.2", "--t_top=0.995", "--eps=0.3"],
+            "FerKD t_top=0.95": P_GT + ["--t_low=0.02", "--t_mid=0.2", "--t_top=0.95", "--eps=0.1"],
         }),
     "regime": dict(
         runs=Path("runs/study"), results=Path("results/study.jsonl"),
@@ -163,7 +164,7 @@ def paired(rows, name, base, epochs):
 
 def table(study="small"):
     """Markdown table: mean ± std of the final top-1 per setting and schedule, its seed-paired differences to
-    CE and to FKD, and the mean curve."""
+    CE and to FKD, the mean curve, and the setting's flags (each row's own, as it ran, are in the results)."""
     rows = done(study)
     print("| setting | epochs | runs | top-1 % (mean ± std) | Δ vs CE (paired) | Δ vs FKD (paired) "
           "| top-1 by epoch (mean) | flags |")
@@ -175,8 +176,7 @@ def table(study="small"):
             shown = range(1, len(curve) + 1) if len(curve) <= 8 else sorted(
                 {max(1, round(len(curve) * q)) for q in (0.25, 0.5, 0.75, 1)})  # long curves: quarters
             by_epoch = " ".join(("" if len(curve) <= 8 else f"e{e}: ") + f"{curve[e - 1]:.1f}" for e in shown)
-            flags = " ".join(f for f in got[0]["flags"] if f.startswith(("--kd", "--t_", "--eps", "--mix",
-                                                                           "--thresholds")))
+            flags = " ".join(STUDIES[study]["settings"][name])  # as the current code reads them
             print(f"| {name} | {epochs} | {len(got)} | {mean_std([r['top1'] for r in got])} | "
                   f"{paired(rows, name, 'CE', epochs)} | {paired(rows, name, 'FKD', epochs)} | {by_epoch} | "
                   f"`{flags}` |")

@@ -66,12 +66,12 @@ class TrainConfig:
     label_smoothing: float = 0.1  # kd=none only
     res: int = 0                  # training resolution; 0: the label file's, or the dataset default
     scale_min: float = 0.08       # kd=none RandomResizedCrop area range (labels fix it for fkd/ferkd)
-    t_low: float = -1.0           # FerKD: regions with p_gt < t_low are dropped  (-1: see FERKD_DEFAULTS)
+    thresholds: str = ""          # FerKD: p_gt: t_* compare each region's p_gt | rank: its place in its image
+                                  # by p_gt, 0 (lowest) to 1 (highest): per-image hard-region mining
+    t_low: float = -1.0           # FerKD: regions with p_gt < t_low are dropped
     t_mid: float = -1.0           # FerKD: t_low <= p_gt < t_mid is a hard region, trained on softened truth
     t_top: float = -1.0           # FerKD: regions with p_gt > t_top are dropped
     eps: float = 0.1              # FerKD: smoothing of hard regions' ground truth
-    thresholds: str = "p_gt"      # p_gt: t_* compare each region's p_gt | rank: its place in its image by
-                                  # p_gt, 0 (lowest) to 1 (highest): per-image hard-region mining
     mix: str = "none"             # none | cutmix | mixup: SelfMix (needs --crops >= 2), rows mix two regions
     mix_prob: float = 0.0         # probability that a row is mixed
     mix_alpha: float = 1.0        # lambda ~ Beta(alpha, alpha): the share of the row's own region
@@ -89,17 +89,20 @@ class TrainConfig:
     overwrite: bool = False       # discard what run_dir holds and start again
     tensorboard: bool = True      # also log to RUN_DIR/tb when the tensorboard package is installed
 
-    def __post_init__(self):  # thresholds left at -1 take the mode's default; t_mid then follows t_low
-        picked = dict(FERKD_DEFAULTS if self.kd == "ferkd" else NEUTRAL)
-        if self.t_low != -1.0 and self.kd == "ferkd":
-            picked["t_mid"] = self.t_low  # a user's t_low alone still means: no hard regions
-        for name, value in picked.items():
-            if getattr(self, name) == -1.0:
-                object.__setattr__(self, name, value)
+    def __post_init__(self):  # calibration flags left unset ("", -1) take the mode's defaults
+        object.__setattr__(self, "thresholds", self.thresholds or self.defaults()["thresholds"])
+        if self.thresholds == self.defaults()["thresholds"]:  # the other mode's t_* must be given: check_config
+            for name, value in self.defaults().items():
+                if getattr(self, name) == -1.0:
+                    object.__setattr__(self, name, value)
+
+    def defaults(self):
+        return FERKD_DEFAULTS if self.kd == "ferkd" else NEUTRAL
 
 
-# --kd=ferkd's default thresholds are FERKD_DEFAULTS (models.py, where `labels.py show` reads them too)
-NEUTRAL = dict(t_low=0.0, t_mid=0.0, t_top=1.0)  # every region kept as the teacher labelled it: FKD
+# --kd=ferkd's defaults are FERKD_DEFAULTS (models.py, where `labels.py show` reads them too, with the study
+# that chose them)
+NEUTRAL = dict(thresholds="p_gt", t_low=0.0, t_mid=0.0, t_top=1.0)  # every region kept as labelled: FKD
 
 
 # Flags that may change between a run and its resumption: they do not change what is computed
@@ -121,13 +124,16 @@ def check_config(c):
             raise UserError(f"--{name} must be >= 1, got {getattr(c, name)}")
     if c.lr <= 0 or c.weight_decay < 0 or not 0 <= c.momentum < 1 or c.warmup_epochs < 0:
         raise UserError("--lr must be > 0, --weight_decay >= 0, --momentum in [0, 1), --warmup_epochs >= 0")
+    if c.thresholds not in ("p_gt", "rank") or (c.thresholds == "rank" and c.kd != "ferkd"):
+        raise UserError(f"--thresholds takes p_gt or rank (rank with --kd=ferkd), got {c.thresholds!r}")
+    if -1.0 in (c.t_low, c.t_mid, c.t_top):
+        raise UserError(f"--thresholds={c.thresholds} needs --t_low, --t_mid and --t_top: --kd={c.kd}'s "
+                        f"defaults are for --thresholds={c.defaults()['thresholds']}")
     check_thresholds(c.t_low, c.t_mid, c.t_top)
     if not 0 <= c.eps < 1:
         raise UserError(f"--eps must be in [0, 1), got {c.eps}")
     if c.kd == "fkd" and (c.t_low, c.t_mid, c.t_top) != (0.0, 0.0, 1.0):
         raise UserError("--t_low/--t_mid/--t_top act only with --kd=ferkd")
-    if c.thresholds not in ("p_gt", "rank") or (c.thresholds == "rank" and c.kd != "ferkd"):
-        raise UserError(f"--thresholds takes p_gt or rank (rank with --kd=ferkd), got {c.thresholds!r}")
     if c.mix not in ("none", "cutmix", "mixup") or c.mix_source not in ("self", "batch"):
         raise UserError("--mix must be none, cutmix or mixup and --mix_source self or batch")
     if not 0 <= c.mix_prob <= 1 or c.mix_alpha <= 0:

@@ -659,6 +659,7 @@ CATEGORY = (("dropped", "#d62728"), ("hard", "#ff7f0e"), ("soft", "#2ca02c"))  #
 @dataclass(frozen=True)
 class ShowConfig:
     out: str = "regions.png"  # the PNG to write
+    thresholds: str = ""      # p_gt | rank, as `ferkd.py train --thresholds` ("": models.FERKD_DEFAULTS)
     t_low: float = -1.0       # FerKD thresholds the regions are coloured by (-1: models.FERKD_DEFAULTS)
     t_mid: float = -1.0
     t_top: float = -1.0
@@ -667,9 +668,17 @@ class ShowConfig:
 
 
 def show_thresholds(c):
-    """The thresholds `show` colours by (FerKD's defaults where left at -1), and its flags checked."""
-    t = {name: FERKD_DEFAULTS[name] if getattr(c, name) == -1.0 else getattr(c, name)
-         for name in ("t_low", "t_mid", "t_top")}
+    """The thresholds `show` colours by (FerKD's defaults where left unset, as `ferkd.py train --kd=ferkd`
+    takes them), and its flags checked."""
+    mode = c.thresholds or FERKD_DEFAULTS["thresholds"]
+    if mode not in ("p_gt", "rank"):
+        raise UserError(f"--thresholds takes p_gt or rank, got {c.thresholds!r}")
+    t = {name: getattr(c, name) for name in ("t_low", "t_mid", "t_top")}
+    if mode == FERKD_DEFAULTS["thresholds"]:
+        t = {name: FERKD_DEFAULTS[name] if value == -1.0 else value for name, value in t.items()}
+    elif -1.0 in t.values():
+        raise UserError(f"--thresholds={mode} needs --t_low, --t_mid and --t_top: FerKD's defaults are for "
+                        f"--thresholds={FERKD_DEFAULTS['thresholds']}")
     check_thresholds(**t)
     for name in ("images", "regions"):
         if getattr(c, name) < 1:
@@ -678,7 +687,7 @@ def show_thresholds(c):
         raise UserError(f"--out must name a .png file, got {c.out!r}")
     if not Path(c.out).resolve().parent.is_dir():
         raise UserError(f"output directory {Path(c.out).parent} does not exist")
-    return t
+    return mode, t
 
 
 def decode_whole(path, pick, heights, widths):
@@ -705,10 +714,12 @@ def pgt_histogram(table, cat, k):
 def show(path, **flags):
     """Write a PNG: for --images images, their first --regions regions drawn on the image, each with the
     teacher's top-k, p_gt and FerKD category under the thresholds (FERKD_DEFAULTS when not given);
-    below, the histogram of p_gt over every stored region with the thresholds marked.
-        python labels.py show FILE --out=regions.png [--t_low= --t_mid= --t_top= --images=4 --regions=5]"""
+    below, the histogram of p_gt over every stored region by category, with the thresholds marked where
+    they compare p_gt (--thresholds=p_gt).
+        python labels.py show FILE --out=regions.png [--thresholds= --t_low= --t_mid= --t_top= --images=4
+                                                      --regions=5]"""
     c = parse_config(ShowConfig, flags)
-    t = show_thresholds(c)
+    mode, t = show_thresholds(c)
     import matplotlib  # imported here: only this command draws
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -716,7 +727,9 @@ def show(path, **flags):
     header = read_header(path)
     table = read_regions(path, header)                                      # (N, R, D) uint8
     N, R, k, names = len(table), header["regions"], header["k"], header["classes"]
-    cat = region_categories(table, k, **t)                                  # (N, R) 0 dropped, 1 hard, 2 soft
+    if mode == "rank" and R < 2:
+        raise UserError(f"--thresholds=rank ranks each image's regions: {path} holds {R} per image")
+    cat = region_categories(table, k, **t, by_rank=mode == "rank")         # (N, R) 0 dropped, 1 hard, 2 soft
 
     # the chosen images, each beside its regions' labels, two to a row
     pick = np.linspace(0, N - 1, min(c.images, N)).round().astype(np.int64)
@@ -765,7 +778,7 @@ def show(path, **flags):
         ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", bottom=bottom, color=colour,
                label=name)
         bottom = bottom + counts
-    for name in ("t_low", "t_mid", "t_top"):
+    for name in ("t_low", "t_mid", "t_top") if mode == "p_gt" else ():  # rank thresholds are not p_gt values
         ax.axvline(t[name], color="black", ls="--", lw=1)
         ax.text(t[name], 1.0, f"{name}={t[name]:g} ", transform=ax.get_xaxis_transform(), fontsize=9,
                 va="top", ha="right", rotation=90)
@@ -785,7 +798,7 @@ def show(path, **flags):
     finally:
         plt.close(fig)
     print(f"wrote {c.out}: {len(pick)} images, {n_show} regions each; regions dropped / hard / soft at "
-          f"t_low={t['t_low']:g} t_mid={t['t_mid']:g} t_top={t['t_top']:g}: "
+          f"--thresholds={mode} t_low={t['t_low']:g} t_mid={t['t_mid']:g} t_top={t['t_top']:g}: "
           + " / ".join(f"{s:.1%}" for s in share) + guessed)
 
 

@@ -1,5 +1,6 @@
 """FerKD in training: region selection by p_gt, SelfMix, and the trainer's loss against its definition."""
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -28,7 +29,8 @@ def fake_table(N=50, R=6, k=5, seed=0):
 def test_region_selection_respects_thresholds(t_low, t_mid, t_top):
     table = fake_table()
     N, R = table.shape[:2]
-    c = ferkd.TrainConfig(kd="ferkd", labels="x", crops=2, t_low=t_low, t_mid=t_mid, t_top=t_top)
+    c = ferkd.TrainConfig(kd="ferkd", labels="x", crops=2, thresholds="p_gt", t_low=t_low, t_mid=t_mid,
+                          t_top=t_top)
     h = w = np.full(N, 32)
     plan, fill, images, _ = ferkd.region_plans(c, dict(regions=R, k=5), table, h, w)
     pgt = beton.unpack_regions(torch.from_numpy(table), 5)[2]
@@ -89,8 +91,8 @@ def test_cross_image_hard_region_label_is_exact():
 
 def test_ferkd_with_selfmix_trains(built, tmp_path):
     _, path = built
-    p = cli("ferkd.py", "train", "--data=digits", f"--labels={path}", "--kd=ferkd", "--t_low=0.02",
-            "--t_mid=0.2", "--t_top=0.995", "--mix=cutmix", "--mix_prob=0.5", "--crops=2", "--arch=small16",
+    p = cli("ferkd.py", "train", "--data=digits", f"--labels={path}", "--kd=ferkd", "--thresholds=p_gt",
+            "--t_low=0.02", "--t_mid=0.2", "--t_top=0.995", "--mix=cutmix", "--mix_prob=0.5", "--crops=2", "--arch=small16",
             "--epochs=4",
             "--batch_size=64", f"--run_dir={tmp_path / 'r'}")
     assert "dropped" in p.stdout and "hard" in p.stdout  # category counts printed before training
@@ -114,14 +116,20 @@ def test_ferkd_with_selfmix_trains(built, tmp_path):
 
 
 def test_threshold_defaults_follow_the_mode():
-    assert (ferkd.TrainConfig(kd="fkd").t_low, ferkd.TrainConfig(kd="fkd").t_mid,
-            ferkd.TrainConfig(kd="fkd").t_top) == (0.0, 0.0, 1.0)  # FKD keeps every region
-    c = ferkd.TrainConfig(kd="ferkd")
-    assert (c.t_low, c.t_mid, c.t_top) == tuple(ferkd.FERKD_DEFAULTS.values())
-    c = ferkd.TrainConfig(kd="ferkd", t_low=0.05)
-    assert (c.t_low, c.t_mid) == (0.05, 0.05)  # no hard regions unless t_mid is asked for
-    ferkd.check_config(ferkd.TrainConfig(kd="ferkd", labels="x", t_low=0.05))
-    with pytest.raises(beton.UserError):
+    calibration = lambda c: {name: getattr(c, name) for name in ("thresholds", "t_low", "t_mid", "t_top")}
+    assert calibration(ferkd.TrainConfig(kd="fkd")) == dict(thresholds="p_gt", t_low=0, t_mid=0, t_top=1)
+    d = ferkd.FERKD_DEFAULTS
+    assert calibration(ferkd.TrainConfig(kd="ferkd")) == d
+    c = ferkd.TrainConfig(kd="ferkd", t_low=d["t_low"] / 2)  # a flag given replaces only its own default
+    assert calibration(c) == dict(d, t_low=d["t_low"] / 2)
+    ferkd.check_config(dataclasses.replace(c, labels="x"))
+    # the other mode has no defaults of its own: FerKD's values compare another quantity there
+    other = {"p_gt": "rank", "rank": "p_gt"}[d["thresholds"]]
+    with pytest.raises(beton.UserError, match="needs --t_low, --t_mid and --t_top"):
+        ferkd.check_config(ferkd.TrainConfig(kd="ferkd", labels="x", thresholds=other, t_low=0.1))
+    ferkd.check_config(ferkd.TrainConfig(kd="ferkd", labels="x", thresholds=other, t_low=0.1, t_mid=0.2,
+                                         t_top=0.9))
+    with pytest.raises(beton.UserError, match="act only with --kd=ferkd"):
         ferkd.check_config(ferkd.TrainConfig(kd="fkd", labels="x", t_top=0.9))
 
 

@@ -2,6 +2,7 @@
 import pytest
 
 from conftest import cli
+from models import FERKD_DEFAULTS
 from test_pipeline import one_error_line
 
 pytestmark = pytest.mark.timeout(300)
@@ -33,7 +34,27 @@ def test_show_defaults_to_ferkd_thresholds(built, tmp_path):
     _, path = built
     out = tmp_path / "d.png"
     p = cli("labels.py", "show", path, f"--out={out}", "--images=1")
-    assert out.is_file() and "t_low=0.02 t_mid=0.02 t_top=0.995" in p.stdout, p.stdout
+    d = FERKD_DEFAULTS
+    assert out.is_file() and (f"--thresholds={d['thresholds']} t_low={d['t_low']:g} t_mid={d['t_mid']:g} "
+                              f"t_top={d['t_top']:g}:") in p.stdout, p.stdout
+
+
+def test_show_colours_by_either_threshold_mode(built, tmp_path):
+    """`show` takes --thresholds as training does; the mode FerKD's defaults are not for needs all three."""
+    _, path = built
+    shares = {}
+    for mode in ("p_gt", "rank"):
+        p = cli("labels.py", "show", path, f"--out={tmp_path / (mode + '.png')}", "--images=1",
+                f"--thresholds={mode}", "--t_low=0.3", "--t_mid=0.6", "--t_top=0.9")
+        shares[mode] = p.stdout.split(": ")[-1]
+        assert f"--thresholds={mode} t_low=0.3" in p.stdout
+    # by rank, about 30% of each image's regions fall below t_low whatever the teacher; by p_gt, not so
+    assert shares["p_gt"] != shares["rank"], shares
+    other = {"p_gt": "rank", "rank": "p_gt"}[FERKD_DEFAULTS["thresholds"]]
+    p = cli("labels.py", "show", path, f"--out={tmp_path / 'x.png'}", f"--thresholds={other}", "--t_low=0.1",
+            check=False)
+    assert "needs --t_low, --t_mid and --t_top" in one_error_line(p)
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_inspect_and_show_take_flags_like_every_command(built, tmp_path):

@@ -166,8 +166,8 @@ def test_compiled_ferkd_run_matches_eager(built, tmp_path):
     0.2%; CE on the same data gives 2.1645, 2.7% away). A cold compile costs about a minute: the only compiled
     run in the suite. Saved keys stay plain."""
     _, labels = built
-    args = ["ferkd.py", "train", "--data=digits", f"--labels={labels}", "--kd=ferkd", "--t_low=0.02",
-            "--t_mid=0.2", "--mix=cutmix", "--mix_prob=0.5", "--crops=2", "--arch=small16", "--epochs=1",
+    args = ["ferkd.py", "train", "--data=digits", f"--labels={labels}", "--kd=ferkd", "--thresholds=p_gt",
+            "--t_low=0.02", "--t_mid=0.2", "--t_top=0.995", "--mix=cutmix", "--mix_prob=0.5", "--crops=2", "--arch=small16", "--epochs=1",
             "--batch_size=64"]
     runs = {}
     for compiled in ("false", "true"):
