@@ -6,7 +6,8 @@ regime of ablation.py's study (issue 16), at demo size.
     2. build its region labels                     python labels.py build --regions=8
     3. train three students of one small architecture on the first 10,000 training images, 2 crops per image,
        for the same epochs and data order: cross-entropy (CE), FKD (the teacher's stored soft labels, no
-       teacher forward) and FerKD (--kd=ferkd: FKD calibrated by p_gt, with its defaults)
+       teacher forward) and FerKD (--kd=ferkd with its defaults: each image's regions ranked by p_gt, the
+       extremes dropped, the lowest fifth above them trained on softened truth)
     4. print teacher / CE / FKD / FerKD top-1 and wall time.
 
 Every step is the command a user types; the commands are printed as they run. Runs land in runs/demo/.

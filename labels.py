@@ -6,7 +6,8 @@ Region soft labels for FKD / FerKD, stored beside the images in one FFCV `.beton
     python labels.py build --data=imagefolder:/data/imagenet --teacher=timm:convnext_base --out=in1k.beton
     torchrun --nproc_per_node=8 labels.py build ...   # each process takes a share of the chunks; same bytes
     python labels.py inspect data/fm-labels.beton --rows=3   # the header and the first records
-    python labels.py show data/fm-labels.beton --out=regions.png --t_low=0.1 --t_mid=0.5 --t_top=0.99
+    python labels.py show data/fm-labels.beton --out=regions.png --thresholds=p_gt --t_low=0.1 --t_mid=0.5 \
+        --t_top=0.99
 
 Killed, a build is finished by re-running the same command; the finished file does not depend on where it
 stopped or on the number of processes (see `build`).
