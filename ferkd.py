@@ -45,7 +45,7 @@ from beton import (MEAN, STD, UserError, atomic_write, center_boxes, dataset_bet
                    whole_image_plan)
 from kernels_triton import ferkd_loss, region_category
 from models import (ARCHS, CHUNK_IMAGES, FERKD_DEFAULTS, build_model, check_thresholds, checkpoint_res,
-                    load_checkpoint, region_categories, region_scores, save_checkpoint)
+                    load_checkpoint, region_categories, region_scores, save_checkpoint, threshold_defaults)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -90,14 +90,11 @@ class TrainConfig:
     tensorboard: bool = True      # also log to RUN_DIR/tb when the tensorboard package is installed
 
     def __post_init__(self):  # calibration flags left unset ("", -1) take the mode's defaults
-        object.__setattr__(self, "thresholds", self.thresholds or self.defaults()["thresholds"])
-        if self.thresholds == self.defaults()["thresholds"]:  # the other mode's t_* must be given: check_config
-            for name, value in self.defaults().items():
-                if getattr(self, name) == -1.0:
-                    object.__setattr__(self, name, value)
-
-    def defaults(self):
-        return FERKD_DEFAULTS if self.kd == "ferkd" else NEUTRAL
+        defaults = FERKD_DEFAULTS if self.kd == "ferkd" else NEUTRAL
+        object.__setattr__(self, "thresholds", self.thresholds or defaults["thresholds"])
+        for name, value in threshold_defaults(self.thresholds, defaults).items():
+            if getattr(self, name) == -1.0:
+                object.__setattr__(self, name, value)
 
 
 # --kd=ferkd's defaults are FERKD_DEFAULTS (models.py, where `labels.py show` reads them too, with the study
@@ -126,10 +123,7 @@ def check_config(c):
         raise UserError("--lr must be > 0, --weight_decay >= 0, --momentum in [0, 1), --warmup_epochs >= 0")
     if c.thresholds not in ("p_gt", "rank") or (c.thresholds == "rank" and c.kd != "ferkd"):
         raise UserError(f"--thresholds takes p_gt or rank (rank with --kd=ferkd), got {c.thresholds!r}")
-    if -1.0 in (c.t_low, c.t_mid, c.t_top):
-        raise UserError(f"--thresholds={c.thresholds} needs --t_low, --t_mid and --t_top: --kd={c.kd}'s "
-                        f"defaults are for --thresholds={c.defaults()['thresholds']}")
-    check_thresholds(c.t_low, c.t_mid, c.t_top)
+    check_thresholds(c.t_low, c.t_mid, c.t_top, c.thresholds)
     if not 0 <= c.eps < 1:
         raise UserError(f"--eps must be in [0, 1), got {c.eps}")
     if c.kd == "fkd" and (c.t_low, c.t_mid, c.t_top) != (0.0, 0.0, 1.0):
@@ -175,8 +169,6 @@ def region_plans(c, header, table, heights, widths):
         return plan, fill, np.arange(N), None
 
     R, k = header["regions"], header["k"]
-    if c.thresholds == "rank" and R < 2:
-        raise UserError(f"--thresholds=rank ranks each image's regions: {c.labels} holds {R} per image")
     cat = region_categories(table, k, c.t_low, c.t_mid, c.t_top, by_rank=c.thresholds == "rank")
     count = (cat > 0).sum(1)  # FerKD: dropped regions are never replayed
     kept_images = np.flatnonzero(count > 0)

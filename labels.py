@@ -47,7 +47,8 @@ from beton import (MEAN, SCHEMA_VERSION, STD, UserError, alloc_table_ptr, atomic
                    region_loader, region_plan, region_slots, regions_crc32, run_cli, seeded_regions,
                    set_alloc_table, setup_distributed, to_model_input, unpack_regions, whole_image_plan,
                    write_beton)
-from models import CHUNK_IMAGES, FERKD_DEFAULTS, check_thresholds, load_checkpoint, region_categories
+from models import (CHUNK_IMAGES, FERKD_DEFAULTS, check_thresholds, load_checkpoint, region_categories,
+                    threshold_defaults)
 
 # -----------------------------------------------------------------------------
 # Teachers
@@ -675,12 +676,8 @@ def show_thresholds(c):
     if mode not in ("p_gt", "rank"):
         raise UserError(f"--thresholds takes p_gt or rank, got {c.thresholds!r}")
     t = {name: getattr(c, name) for name in ("t_low", "t_mid", "t_top")}
-    if mode == FERKD_DEFAULTS["thresholds"]:
-        t = {name: FERKD_DEFAULTS[name] if value == -1.0 else value for name, value in t.items()}
-    elif -1.0 in t.values():
-        raise UserError(f"--thresholds={mode} needs --t_low, --t_mid and --t_top: FerKD's defaults are for "
-                        f"--thresholds={FERKD_DEFAULTS['thresholds']}")
-    check_thresholds(**t)
+    t.update({name: value for name, value in threshold_defaults(mode).items() if t[name] == -1.0})
+    check_thresholds(**t, mode=mode)
     for name in ("images", "regions"):
         if getattr(c, name) < 1:
             raise UserError(f"--{name} takes a positive integer, got {getattr(c, name)!r}")
@@ -728,8 +725,6 @@ def show(path, **flags):
     header = read_header(path)
     table = read_regions(path, header)                                      # (N, R, D) uint8
     N, R, k, names = len(table), header["regions"], header["k"], header["classes"]
-    if mode == "rank" and R < 2:
-        raise UserError(f"--thresholds=rank ranks each image's regions: {path} holds {R} per image")
     cat = region_categories(table, k, **t, by_rank=mode == "rank")         # (N, R) 0 dropped, 1 hard, 2 soft
 
     # the chosen images, each beside its regions' labels, two to a row

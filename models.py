@@ -96,14 +96,27 @@ def checkpoint_res(ckpt):
 # flag's own default). Each image's lowest and highest 5% of regions by p_gt are dropped, the next 20% above
 # the lowest are hard. 89.18 +- 0.46 top-1, against FerKD's other arms at 88.91-89.08 (absolute thresholds
 # 0.02 / 0.2 / 0.995: 89.08 +- 0.21), so the choice among them is within noise, but FKD beat every FerKD arm
-# (89.68 +- 0.36; rank: -0.50 +- 0.57 seed-paired). The study had a 93.3% small64 teacher, small16 students and
-# 30 epochs on Fashion-MNIST; other teachers and schedules may want other values.
+# (89.68 +- 0.36; rank: -0.50 +- 0.57 seed-paired). The study had a 93.3% small64 teacher, small16
+# students and 30 epochs on Fashion-MNIST; other teachers and schedules may want other values.
 FERKD_DEFAULTS = dict(thresholds="rank", t_low=0.05, t_mid=0.25, t_top=0.95)
 
 
-def check_thresholds(t_low, t_mid, t_top):
-    """FerKD's bands must nest: 0 <= t_low <= t_mid <= t_top <= 1 (dropped < t_low <= hard < t_mid <= soft
-    <= t_top < dropped); t_mid > t_top would silently drop regions meant to be hard, including mixed ones."""
+def threshold_defaults(mode, defaults=FERKD_DEFAULTS):
+    """The values thresholds left unset (-1) take under `mode` ("p_gt" or "rank"): `defaults`' own where
+    `mode` is theirs, none under the other mode (its thresholds compare another quantity: all three must be
+    given)."""
+    if mode != defaults["thresholds"]:
+        return {}
+    return {name: value for name, value in defaults.items() if name.startswith("t_")}
+
+
+def check_thresholds(t_low, t_mid, t_top, mode="p_gt"):
+    """All three given (see threshold_defaults), and FerKD's bands nested: 0 <= t_low <= t_mid <= t_top <= 1
+    (dropped < t_low <= hard < t_mid <= soft <= t_top < dropped); t_mid > t_top would silently drop regions
+    meant to be hard, including mixed ones."""
+    if -1.0 in (t_low, t_mid, t_top):
+        raise UserError(f"--thresholds={mode} needs --t_low, --t_mid and --t_top: FerKD's defaults are for "
+                        f"--thresholds={FERKD_DEFAULTS['thresholds']}")
     if not 0 <= t_low <= t_mid <= t_top <= 1:
         raise UserError(f"FerKD thresholds need 0 <= t_low <= t_mid <= t_top <= 1; "
                         f"got t_low={t_low} t_mid={t_mid} t_top={t_top}")
@@ -128,6 +141,9 @@ def region_scores(table, k, by_rank):
     pgt = table[..., 4 + 3 * k]
     if not by_rank:
         return pgt
+    if pgt.shape[1] < 2:
+        raise UserError(f"--thresholds=rank ranks each image's regions: the label file holds {pgt.shape[1]} "
+                        f"per image")
     return np.concatenate([rank_scores(pgt[s:s + CHUNK_IMAGES]) for s in range(0, len(pgt), CHUNK_IMAGES)])
 
 

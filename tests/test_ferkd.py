@@ -92,9 +92,8 @@ def test_cross_image_hard_region_label_is_exact():
 def test_ferkd_with_selfmix_trains(built, tmp_path):
     _, path = built
     p = cli("ferkd.py", "train", "--data=digits", f"--labels={path}", "--kd=ferkd", "--thresholds=p_gt",
-            "--t_low=0.02", "--t_mid=0.2", "--t_top=0.995", "--mix=cutmix", "--mix_prob=0.5", "--crops=2", "--arch=small16",
-            "--epochs=4",
-            "--batch_size=64", f"--run_dir={tmp_path / 'r'}")
+            "--t_low=0.02", "--t_mid=0.2", "--t_top=0.995", "--mix=cutmix", "--mix_prob=0.5", "--crops=2",
+            "--arch=small16", "--epochs=4", "--batch_size=64", f"--run_dir={tmp_path / 'r'}")
     assert "dropped" in p.stdout and "hard" in p.stdout  # category counts printed before training
     assert json.loads(p.stdout.strip().splitlines()[-1])["top1"] > 50
     # every epoch logs the categories of the regions it replayed, as JSONL, CSV and TensorBoard scalars
