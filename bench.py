@@ -92,8 +92,7 @@ def bench_loader(images=4000, workers=2, batch=256, regions=4, res=32, epochs=3)
     boxes = boxes.reshape(N, regions, 4)
     flips = rng.random((N, regions)) < 0.5
     table = beton.pack_regions(boxes, flips, rng.integers(0, 10, (N, regions, 5)),
-                               rng.random((N, regions, 5)) / 5,
-                                rng.random((N, regions)))
+                               rng.random((N, regions, 5)) / 5, rng.random((N, regions)), 10)
     path = d / "bench.beton"
     beton.write_beton(path, ds, table)
     for i in range(N):  # the torchvision way: encoded image files and one label file per image
@@ -323,7 +322,7 @@ def scale_write(path, images, regions, k=5, classes=1000, seed=0):
         g = np.random.default_rng([seed, i, 1])
         ids = (g.integers(0, classes, (R, 1)) + np.arange(k)) % classes  # distinct top-k classes
         probs = g.dirichlet(np.ones(k + 1), R)[:, :k]
-        os.pwrite(fd, beton.pack_regions(qboxes[i], flips[i], ids, probs, g.random(R)).tobytes(), slots[i])
+        os.pwrite(fd, beton.pack_regions(qboxes[i], flips[i], ids, probs, g.random(R), classes).tobytes(), slots[i])
     os.fsync(fd)
     os.close(fd)
     t2 = time.time()

@@ -6,16 +6,18 @@ format and its boxes, the datasets and their fingerprints, the FFCV file writer,
 a stored region (`RegionCrop`), the JSON header; and the small command-line plumbing both commands use
 (one-line errors, typed flags, atomic writes).
 
-File layout (schema 2). The `.beton` is a plain FFCV file with four fields per image:
+File layout (schema 3). The `.beton` is a plain FFCV file with four fields per image:
     image    RGBImageField   raw pixels (small images) or JPEG (imagefolder)
     label    IntField        ground-truth class
     index    IntField        position of the image in the dataset (the trainer gathers region labels by it)
-    regions  NDArrayField    uint8 (R, D), D = 4 + 3k + 1 bytes per region (20 for k=5):
+    regions  NDArrayField    uint8 (R, D), D = 4 + 3k + 2 bytes per region (21 for k=5):
                [0:4]          box (y0, x0, y1, x1) on a 0..255 grid of the stored image (`grid_boxes`,
                               `box_pixels`), drawn in its pixels by torchvision's RandomResizedCrop rule
-               [4:4+2k]       top-k class ids, uint16 little-endian; bit 15 of the first id is the flip
-               [4+2k:4+3k]    top-k probabilities, round(255 p)
+               [4:4+2k]       top-k class ids, uint16 little-endian, by descending probability
+               [4+2k:4+3k]    the teacher's target on a log scale, one byte each (`pack_regions`): the
+                              top-k probabilities, or the rest's mass and the 2nd..k-th (the top-1 derived)
                [4+3k]         p_gt, round(255 p)
+               [4+3k+1]       flags: bit 0 the flip, bit 1 "slot 0 holds the rest's mass"
 Our JSON header (dataset fingerprint, teacher, T, k, R, seed, ...) sits between FFCV's data pages and its
 allocation table, followed by its length, the table's length and the magic b"FERKDHDR"; FFCV's header points
 past it, so FFCV reads the file as usual. `read_header` checks every length, so a truncated file is refused.
@@ -58,7 +60,7 @@ from ffcv.traversal_order import Random  # noqa: E402
 torch.set_num_threads(_torch_threads)  # importing FFCV sets torch to 1 thread (ffcv/pipeline/compiler.py);
 # its Loader later sets torch's threads to its num_workers, for every epoch
 
-SCHEMA_VERSION = 2  # 2: boxes drawn in the pixels of each stored image (1: in the unit square)
+SCHEMA_VERSION = 3  # 3: probabilities on a log code (2: round(255 p); 1: boxes in the unit square)
 MAGIC = b"FERKDHDR"
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, used for every dataset so teachers transfer
 STD = (0.229, 0.224, 0.225)
@@ -207,46 +209,93 @@ def on_all_ranks(work):
 # Region records: packing, unpacking, boxes
 
 def region_bytes(k):
-    return 4 + 3 * k + 1
+    return 4 + 3 * k + 2
 
 
-def quantize_probs(p):
-    """Probabilities (..., k) -> uint8 round(255 p), the sum over the last axis capped at 255: rounding each
-    one up can overshoot (0.5 + 0.5 + ... > 1), and a top-k above 1 leaves the other classes a negative mass
-    (1 - sum) / (C - k), which makes the loss unbounded below. The overshoot (< k/2) is taken from the entries
-    rounded up the most (largest-remainder rounding)."""
-    x = np.asarray(p, np.float64) * 255
-    q = np.clip(np.rint(x), 0, 255)
-    flat_x, flat_q = x.reshape(-1, x.shape[-1]), q.reshape(-1, x.shape[-1])  # views of x and q
-    excess = flat_q.sum(1) - 255
-    over = np.flatnonzero(excess > 0)  # rare: ranking only these rows keeps packing cheap
-    most_up_first = np.argsort(np.argsort(flat_x[over] - flat_q[over], axis=1, kind="stable"), axis=1)
-    flat_q[over] = np.maximum(flat_q[over] - (most_up_first < excess[over, None]), 0)
-    return q.astype(np.uint8)
+# The probability code. A region's teacher target is k + 1 numbers that sum to 1: the top-k probabilities
+# P_1 >= ... >= P_k and the rest's mass r = 1 - sum P (the trainer spreads r evenly over the other C - k
+# classes, FKD's rule). Dark knowledge is in the small numbers (P_2..P_k of a confident region are often
+# 1e-3..1e-5), and under KL(teacher || target) an underestimated r costs r log(r / r'), so every small number
+# needs a *relative* error bound, not an absolute one. Hence: the largest of {P_1, r} is not stored but
+# derived as 1 - (the others); the other k numbers are each <= 1/2 and stored as one byte on a log scale,
+# 2^(-1 - c / 12) for c = 0..254 (12 steps per octave, relative error <= 2.9% down to 2e-7, about where
+# the trainer's fp32 arithmetic of 1 - sum P stops resolving the rest), c = 255 for 0.
+# round(255 p), the code of label schema 2, stored the 2nd..5th of a confident region as 0 and inverted their
+# order against the rest (KL 5x FKD's fp16); this code's KL is within a few percent of exact top-k storage
+# (`labels.py fidelity`).
+LOG_STEPS = 12  # codes per octave
+ZERO_CODE = 255
+QUANTIZATION = (f"uint16 top-k ids; a byte per probability, 2^(-1 - c/{LOG_STEPS}) (c = {ZERO_CODE}: 0), the "
+                f"largest of the top-1 and the rest's mass derived; p_gt round(255 p); flags byte")
 
 
-def pack_regions(qbox, flip, ids, probs, pgt):
+def decode_probs(codes):
+    """Log codes (..., k) uint8 -> values (..., k) float32: 2^(-1 - c / LOG_STEPS), 0 for ZERO_CODE."""
+    c = codes.float()
+    return torch.where(codes == ZERO_CODE, 0.0, torch.exp2(-1 - c / LOG_STEPS))
+
+
+def encode_probs(v):
+    """Values (..., k) in [0, 1/2] -> the nearest log code (..., k) uint8 (nearest in ratio; 0 where a value
+    is closer to 0 than to the smallest code)."""
+    v = np.asarray(v, np.float64)
+    smallest = 2.0 ** (-1 - (ZERO_CODE - 1) / LOG_STEPS)
+    with np.errstate(divide="ignore"):
+        c = np.rint(-LOG_STEPS * (np.log2(np.maximum(v, 1e-300)) + 1))
+    return np.where(v < smallest / 2, ZERO_CODE, np.clip(c, 0, ZERO_CODE - 1)).astype(np.uint8)
+
+
+def pack_regions(qbox, flip, ids, probs, pgt, num_classes):
     """qbox (..., 4) uint8, flip (...) bool, ids (..., k) int, probs (..., k) float, pgt (...) float
-    -> (..., 4 + 3k + 1) uint8 records (numpy)."""
+    -> (..., 4 + 3k + 2) uint8 records (numpy), with the top-k sorted by probability. The code is chosen
+    per region (see above); then any stored class that the trainer would recover below the rest's share
+    (1 - sum P) / (C - k) although it is above it in `probs` (a near tie, within a code step) is raised
+    until none is: the target keeps the teacher's order."""
     k = ids.shape[-1]
-    ids = ids.astype(np.uint16)
-    ids[..., 0] |= flip.astype(np.uint16) << 15
-    pgt = np.clip(np.rint(np.asarray(pgt, np.float64) * 255), 0, 255).astype(np.uint8)
-    return np.concatenate([qbox.astype(np.uint8), ids.view(np.uint8).reshape(*ids.shape[:-1], 2 * k),
-                           quantize_probs(probs), pgt[..., None]], axis=-1)
+    p = np.asarray(probs, np.float64)
+    order = np.argsort(-p, axis=-1, kind="stable")
+    p, ids = np.take_along_axis(p, order, -1), np.take_along_axis(np.asarray(ids, np.int64), order, -1)
+    p = p / np.maximum(p.sum(-1, keepdims=True), 1)     # a top-k summing above 1 (fp16 files) to a sum of 1
+    rest = np.clip(1 - p.sum(-1), 0, 1)
+    rest_stored = rest <= p[..., 0]                     # then P_1 is derived, and slot 0 holds r
+    stored = p.copy()
+    stored[..., 0] = np.where(rest_stored, rest, p[..., 0])
+    codes = encode_probs(np.minimum(stored, 0.5))
+    flags = (np.asarray(flip, np.uint8) | (rest_stored.astype(np.uint8) << 1))[..., None]
+    pgt = np.clip(np.rint(np.asarray(pgt, np.float64) * 255), 0, 255).astype(np.uint8)[..., None]
+    rec = np.concatenate([np.asarray(qbox, np.uint8), ids.astype(np.uint16).view(np.uint8).reshape(
+        *ids.shape[:-1], 2 * k), codes, pgt, flags], axis=-1)
+    slack = 2.0 ** -21 / max(num_classes - k, 1)  # 2 fp32 ulps of 1 - sum P: above it in any summation order
+    ordered = p >= rest[..., None] / max(num_classes - k, 1) - slack  # in `probs` (an FKD file may not be)
+    for _ in range(4):  # near ties only
+        got = unpack_regions(torch.from_numpy(rec), k)[1]          # (..., k) as the trainer recovers it
+        share = ((1 - got.sum(-1, keepdim=True)) / max(num_classes - k, 1)).numpy() + slack
+        got = got.numpy()
+        low = (got < share) & ordered                                # inversions the code made
+        if not low.any():
+            return rec
+        # a low stored class goes up to the code of the share at least (one step at least); a low derived P_1
+        # (near ties at C - k = 1) is raised by lowering r instead
+        up = low & ~((np.arange(k) == 0) & rest_stored[..., None])
+        down = low[..., 0] & rest_stored
+        c = rec[..., 4 + 2 * k:4 + 3 * k]                          # a view: edits the records
+        with np.errstate(divide="ignore"):
+            ceil = np.floor(-LOG_STEPS * (np.log2(np.maximum(share, 1e-300)) + 1)).clip(0, ZERO_CODE - 1)
+        c[...] = np.where(up & (c > 0), np.minimum(c.astype(np.int64) - 1, ceil), c)
+        c[..., 0] = np.where(down & (c[..., 0] < ZERO_CODE), c[..., 0] + 1, c[..., 0])
+    raise AssertionError("pack_regions: a stored class stays below the rest's share")
 
 
 def unpack_regions(rec, k):
     """rec (..., D) uint8 torch tensor -> (ids (..., k) int64, probs (..., k) float32, pgt (...) float32,
     flip (...) bool). Works on any device; used by the trainer on every batch."""
-    lo = rec[..., 4:4 + 2 * k:2].long()
-    hi = rec[..., 5:5 + 2 * k:2].long()
-    ids = lo | (hi << 8)
-    flip = (ids[..., 0] >> 15).bool()
-    ids = ids & 0x7FFF
-    probs = rec[..., 4 + 2 * k:4 + 3 * k].float() / 255
+    ids = rec[..., 4:4 + 2 * k:2].long() | (rec[..., 5:5 + 2 * k:2].long() << 8)
+    v = decode_probs(rec[..., 4 + 2 * k:4 + 3 * k])        # (..., k) stored values
+    flags = rec[..., 4 + 3 * k + 1]
+    rest_stored = (flags & 2).bool()
+    probs = torch.cat([torch.where(rest_stored, 1 - v.sum(-1), v[..., 0])[..., None], v[..., 1:]], -1)
     pgt = rec[..., 4 + 3 * k].float() / 255
-    return ids, probs, pgt, flip
+    return ids, probs, pgt, (flags & 1).bool()
 
 
 def random_boxes(rng, heights, widths, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
@@ -851,8 +900,9 @@ def read_header(path, rebuild_hint="re-run `python labels.py build ...`"):
         except ValueError:
             raise UserError(bad) from None
     if header.get("schema") != SCHEMA_VERSION:
+        command = "import" if "source" in header else "build"  # what made it: a teacher, or FKD's label files
         raise UserError(f"{path} has label schema {header.get('schema')}, this code reads {SCHEMA_VERSION}; "
-                        f"{rebuild_hint}")
+                        f"rebuild it: {rebuild_hint.replace('labels.py build', 'labels.py ' + command)}")
     return header
 
 

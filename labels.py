@@ -19,8 +19,8 @@ and p_gt, the teacher's probability of the ground-truth class (FerKD's calibrati
 class is not in the top-k).
 
 The file's layout and everything the trainer shares with this script (records, datasets, the FFCV writer, the
-region decoder, the header) are in beton.py; the checkpoint format that loads a `ferkd.py train` teacher, and
-FerKD's region categories that `show` draws, are in models.py. This file holds the teachers and the commands.
+region decoder, the header) are in beton.py; the teachers (our checkpoints, torchvision, timm) and
+FerKD's region categories that `show` draws are in models.py. This file holds the commands.
 """
 import dataclasses
 import hashlib
@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from tqdm import tqdm
 
 from beton import (MEAN, SCHEMA_VERSION, STD, UserError, alloc_table_ptr, atomic_write, attach_header,
@@ -46,118 +45,9 @@ from beton import (MEAN, SCHEMA_VERSION, STD, UserError, alloc_table_ptr, atomic
                    on_rank0, pack_regions, parse_config, print0, read_header, read_regions, region_bytes,
                    region_loader, region_plan, region_slots, regions_crc32, run_cli, seeded_regions,
                    set_alloc_table, setup_distributed, to_model_input, unpack_regions, whole_image_plan,
-                   write_beton)
-from models import (CHUNK_IMAGES, FERKD_DEFAULTS, check_thresholds, load_checkpoint, region_categories,
-                    threshold_defaults)
-
-# -----------------------------------------------------------------------------
-# Teachers
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-TORCHVISION_TEACHERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
-                        "efficientnet_b0", "convnext_tiny", "vit_b_16", "regnet_y_16gf")
-
-
-def _classes_in(state_dict, classifier, spec):
-    """The class count of the weights in `state_dict` for the classifier layer named `classifier` (fc,
-    head.fc, classifier.1, ...), so that a model fine-tuned on the user's own classes loads as saved."""
-    if isinstance(classifier, (tuple, list)):  # timm's distilled models name two heads: the first is the one
-        classifier = classifier[0]
-    weight = state_dict.get(f"{classifier}.weight")
-    if weight is None or weight.ndim != 2:
-        raise UserError(f"the weights of {spec} hold no {classifier}.weight classifier: another model's?")
-    return weight.shape[0]
-
-
-def _read_weights(path):
-    """A state dict from a .pth (tensors only: no pickled code) or a .safetensors file."""
-    if not Path(path).is_file():
-        raise UserError(f"teacher weights {path} not found")
-    try:
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file  # here: only .safetensors weights need it (timm's)
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch and safetensors raise many types for a damaged or foreign file
-        raise UserError(f"cannot read teacher weights {path} ({type(e).__name__}): expected a state dict "
-                        f"saved by torch.save, or a .safetensors file") from None
-
-
-def _load_state(model, state, spec):
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors: its first lines name them
-        raise UserError(f"the weights do not fit {spec}: " + " ".join(str(e).split())[:300]) from None
-
-
-def load_teacher(spec):
-    """A teacher from `spec`, in eval mode, with its identity for the label header (kind, name, checksum and
-    the input normalization the teacher was trained with):
-        CKPT.pt                      a checkpoint written by `ferkd.py train`
-        torchvision:NAME             torchvision's pretrained ImageNet weights (downloaded by torchvision)
-        torchvision:NAME@FILE.pth    weights from a file, of any class count (fine-tuned on your classes)
-        timm:NAME                    timm's pretrained weights (downloaded from the Hugging Face hub by timm)
-        timm:NAME@FILE               weights from a .pth or .safetensors file; timm's normalization for NAME
-    torchvision names come from an allow-list and timm names from timm's registry: a user string never names
-    code to import."""
-    kind, _, rest = spec.partition(":") if spec.startswith(("torchvision:", "timm:")) else ("ferkd", "", spec)
-    name, _, weights_file = rest.partition("@")
-    mean, std = MEAN, STD
-    if kind == "torchvision":
-        if name not in TORCHVISION_TEACHERS:
-            raise UserError(f"teacher {name!r} not supported; "
-                            f"choose one of {', '.join(TORCHVISION_TEACHERS)}")
-        if weights_file:
-            state = _read_weights(weights_file)
-            model = getattr(torchvision.models, name)(weights=None)
-            last = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]  # classifier
-            classes = _classes_in(state, last, spec)
-            if classes != 1000:
-                model = getattr(torchvision.models, name)(weights=None, num_classes=classes)
-            _load_state(model, state, spec)
-            checksum = file_sha256(weights_file)
-        else:
-            weights = torchvision.models.get_model_weights(name).DEFAULT
-            model = getattr(torchvision.models, name)(weights=weights)
-            checksum = str(weights)
-    elif kind == "timm":
-        import timm  # here: an optional dependency, needed only for timm teachers
-        if not timm.is_model(name):
-            raise UserError(f"timm has no model {name!r} (see timm.list_models())")
-        if weights_file:
-            state = _read_weights(weights_file)
-            model = timm.create_model(name, pretrained=False)
-            model.reset_classifier(_classes_in(state, model.pretrained_cfg["classifier"], spec))
-            _load_state(model, state, spec)
-            checksum = file_sha256(weights_file)
-        else:
-            model = timm.create_model(name, pretrained=True)
-            checksum = f"timm:{model.pretrained_cfg.get('hf_hub_id') or name}"
-        config = timm.data.resolve_model_data_config(model)
-        mean, std = tuple(config["mean"]), tuple(config["std"])
-    else:
-        model, ckpt = load_checkpoint(spec)
-        name, checksum = ckpt["config"]["arch"], file_sha256(spec)
-    return model.eval(), dict(kind=kind, name=name, checksum=checksum, mean=mean, std=std)
-
-
-@torch.no_grad()
-def check_teacher(model, spec, res, num_classes):
-    """One forward pass on a blank crop: the teacher must take res x res input and predict num_classes."""
-    try:
-        n_out = model(torch.zeros(1, 3, res, res)).shape[-1]
-    except RuntimeError as e:  # a stem that downsamples too far, a ViT with a fixed input size, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"teacher {spec} cannot take {res}x{res} crops ({first}); choose --res") from None
-    if n_out != num_classes:
-        raise UserError(f"teacher {spec} predicts {n_out} classes, the dataset has {num_classes}")
+                   write_beton, QUANTIZATION)
+from models import (CHUNK_IMAGES, FERKD_DEFAULTS, check_teacher, check_thresholds, load_teacher,
+                    region_categories, threshold_defaults)
 
 # -----------------------------------------------------------------------------
 # `labels.py build`: chunk by chunk, so it can be killed and resumed, and sharded with torchrun
@@ -298,7 +188,8 @@ def label_chunks(c, model, teacher_id, device, partial, state, todo, chunk, rank
         top_p, top_i = p[:, :R].topk(k, dim=2)                                      # (B, R, k)
         gt = p[:, :R].gather(2, labels.view(-1, 1, 1).expand(-1, R, 1)).squeeze(2)  # (B, R) p_gt
         idx = index.numpy().astype(np.int64)
-        rec = pack_regions(qboxes[idx], flips[idx], top_i.numpy(), top_p.numpy(), gt.numpy())
+        rec = pack_regions(qboxes[idx], flips[idx], top_i.numpy(), top_p.numpy(), gt.numpy(),
+                           p.shape[-1])
         for s, r in zip(slots[idx], rec):                                   # (R, D) records per image
             os.pwrite(fd, r.tobytes(), s)
         hits += [(top_i[..., 0] == labels.view(-1, 1)).sum().item(),
@@ -367,8 +258,8 @@ def build(**flags):
     ds = load_dataset(c.data, "train")
     c = dataclasses.replace(c, res=c.res or ds.res)
     C, N, R, k, D = len(ds.classes), len(ds.labels), c.regions, c.k, region_bytes(c.k)
-    if k > C or C > 32768:
-        raise UserError(f"--k={k} must be at most the class count {C} (<= 32768)")
+    if k > C or C > 65536:
+        raise UserError(f"--k={k} must be at most the class count {C} (<= 65536)")
     model, teacher_id = load_teacher(c.teacher)
     check_teacher(model, c.teacher, c.res, C)
     model.to(device).to(memory_format=torch.channels_last)
@@ -396,7 +287,7 @@ def build(**flags):
         num_classes=C, teacher=teacher_id, temperature=c.temperature, k=k, regions=R, seed=c.seed, res=c.res,
         scale=[c.scale_min, 1.0], ratio=[3 / 4, 4 / 3],
         boxes="torchvision RandomResizedCrop in stored-image pixels, on a 0..255 grid", region_bytes=D,
-        quantization="uint8 round(255 p); uint16 ids, flip in bit 15 of ids[0]", teacher_device=key["device"],
+        quantization=QUANTIZATION, teacher_device=key["device"],
         teacher_batch_images=per_batch, teacher_region_top1=region_hits / (N * R),
         teacher_image_top1=image_hits / N))
     print(f"wrote {out}: {N} images x {R} regions, {D} bytes/region (labels {N * R * D / 2**20:.1f} MiB), "
@@ -426,6 +317,98 @@ def inspect(path, **flags):
             print(f"image {i} region {r}: box {table[i, r, :4].tolist()} flip {int(flip[i, r])} "
                   f"top-k {ids[i, r].tolist()} p {[round(v, 3) for v in probs[i, r].tolist()]} "
                   f"p_gt {pgt[i, r].item():.3f}")
+
+
+# -----------------------------------------------------------------------------
+# `labels.py fidelity`: how much of the teacher a label file keeps (issue 24)
+
+@dataclass(frozen=True)
+class FidelityConfig:
+    teacher: str = ""         # the teacher to compare with: the file's own, or any `build` teacher
+    samples: int = 2000       # regions re-scored: a random region from each of min(samples, N) random images,
+                              # more per image when samples > N
+    seed: int = 0             # which images and regions
+    batch_size: int = 256     # crops per teacher forward
+    num_workers: int = 2      # FFCV decoding threads
+    device: str = "auto"      # auto | cpu | cuda
+
+
+def recovered_targets(ids, probs, C):
+    """The (n, C) float64 target the trainer learns from a stored top-k: P on the top-k, (1 - sum P) / (C - k)
+    on every other class, the rest computed in float32 as the loss does; and the regions whose target puts a
+    stored class below that share (the teacher's order inverted)."""
+    probs = probs.float()
+    share = (1 - probs.sum(1, keepdim=True)) / max(C - ids.shape[1], 1)                 # (n, 1) fp32
+    target = share.double().expand(-1, C).clone().scatter_(1, ids, probs.double())
+    return target, (probs < share).any(1)
+
+
+def kl_stats(p, target, inverted):
+    """KL(teacher's softmax || target) per region (target floored at 1e-12: a zero or negative share, as a
+    float16 top-k summing past 1 leaves, is an infinite KL otherwise), its mean and median, and the share of
+    regions with an inverted order."""
+    kl = (p * (p.clamp_min(1e-300).log() - target.clamp_min(1e-12).log())).sum(1)
+    return dict(kl_mean=kl.mean().item(), kl_median=kl.median().item(),
+                inverted=inverted.double().mean().item())
+
+
+def fidelity(path, **flags):
+    """Re-run a teacher on a sample of a label file's stored regions, cut by the student's own decoder, and
+    say how far the file's target is from the teacher's full softmax (at the file's temperature), beside what
+    FKD's float16 top-k and an exact top-k would keep of the same softmax:
+        python labels.py fidelity FILE --teacher=T [--samples=2000]
+    The last line is JSON: KL mean and median and the share of inverted regions for each code. With the
+    file's own teacher, "file" - "exact_topk" is what the code loses; "exact_topk" is what top-k loses."""
+    c = parse_config(FidelityConfig, flags)
+    if not c.teacher:
+        raise UserError("--teacher=CKPT or --teacher=torchvision:NAME is required")
+    if c.samples < 1 or c.batch_size < 1:
+        raise UserError("--samples and --batch_size must be positive")
+    header = read_header(path)
+    ds = load_dataset(header["dataset"], "train")
+    if ds.fingerprint() != header["fingerprint"]:
+        raise UserError(f"{path} was built from other data than {header['dataset']} holds now")
+    table = read_regions(path, header)
+    N, R, k, C, res, T = len(table), header["regions"], header["k"], header["num_classes"], header["res"], \
+        header["temperature"]
+    _, _, device = setup_distributed(c.device)
+    model, teacher_id = load_teacher(c.teacher)
+    check_teacher(model, c.teacher, res, C)
+    model.to(device).to(memory_format=torch.channels_last)
+    # the sample: m random images, n random regions of each
+    rng = np.random.default_rng(c.seed)
+    m = min(N, c.samples)
+    n = min(R, -(-c.samples // m))
+    images = np.sort(rng.choice(N, m, replace=False))
+    regions = np.stack([rng.choice(R, n, replace=False) for _ in range(m)])           # (m, n)
+    rec = table[images[:, None], regions]                                             # (m, n, D)
+    heights, widths = image_sizes(path)
+    _, _, _, flip = unpack_regions(torch.from_numpy(rec), k)
+    plan = np.zeros((N, n, 5), np.int32)
+    plan[images] = region_plan(rec[..., :4], flip.numpy(), heights[images, None], widths[images, None])
+    loader = region_loader(path, plan, res, max(1, c.batch_size // n), c.num_workers, indices=images)
+    where = {int(i): j for j, i in enumerate(images)}
+    p = torch.empty(m, n, C, dtype=torch.float64)
+    for crops, _, index in epoch_batches(loader, 0):
+        x = to_model_input(crops, device, teacher_id["mean"], teacher_id["std"])
+        rows = [where[int(i)] for i in index]
+        p[rows] = teacher_probs(model, x, device, T).view(len(index), n, C).double().cpu()
+    p = p.flatten(0, 1)                                                               # (m n, C)
+    ids, probs, _, _ = unpack_regions(torch.from_numpy(rec.reshape(m * n, -1)), k)
+    top_p, top_i = p.float().topk(k, dim=1)  # its own top-k
+    result = dict(
+        samples=m * n, classes=C, k=k, region_bytes=header["region_bytes"], teacher=c.teacher,
+        file=kl_stats(p, *recovered_targets(ids, probs, C)),
+        fp16_topk=kl_stats(p, *recovered_targets(top_i, top_p.half().float(), C)),
+        exact_topk=kl_stats(p, *recovered_targets(top_i, top_p, C)))
+    result["file_vs_fp16"] = {key: result["file"][key] / max(result["fp16_topk"][key], 1e-30)
+                              for key in ("kl_mean", "kl_median")}
+    for name in ("file", "fp16_topk", "exact_topk"):
+        r = result[name]
+        print(f"{name:>10}: KL mean {r['kl_mean']:.5f} median {r['kl_median']:.5f}, "
+              f"order inverted on {r['inverted']:.1%} of regions")
+    print(json.dumps(result))
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -558,7 +541,8 @@ def import_chunks(ds, label_paths, partial, state, todo, chunk, R, k, rank0):
                 sha.update(data)
                 coords, flip, ids, probs = check_fkd(label_paths[i], arrays, R, k, C)
                 pgt, guessed = fkd_pgt(ids, probs, ds.labels[i], C)
-                rec = pack_regions(fkd_boxes(coords, heights[i], widths[i]), flip, ids, probs, pgt)  # (R, D)
+                box = fkd_boxes(coords, heights[i], widths[i])
+                rec = pack_regions(box, flip, ids, probs, pgt, C)  # (R, D)
                 os.pwrite(fd, rec.tobytes(), int(slots[i]))
                 estimated += int(guessed.sum())
                 hits += int((ids[:, 0] == ds.labels[i]).sum())
@@ -618,9 +602,9 @@ def import_fkd(**flags):
     # R and k from the first file (the records are one (N, R, D) array); every file is checked against them
     first, _ = load_fkd(label_paths[0])
     R, k = c.regions or len(first[0]), first[2].shape[2]
-    if k >= C or C > 32768:
+    if k >= C or C > 65536:
         raise UserError(f"FKD's labels keep the top {k} classes, --data has {C}: it needs more than k "
-                        f"(and at most 32768)")
+                        f"(and at most 65536)")
     res, N, D, chunk = c.res or ds.res, len(keep), region_bytes(k), c.chunk
     print0(f"import: {json.dumps(dict(dataclasses.asdict(c), regions=R, res=res))}")
     source = f"fkd:{fkd_dir}"
@@ -643,7 +627,7 @@ def import_fkd(**flags):
         teacher=dict(kind="fkd", name=f"FKD labels {fkd_dir.name}", checksum=checksum, mean=MEAN, std=STD),
         temperature=1.0, k=k, regions=R, res=res,  # T = 1: FKD's students learn from the stored softmax as is
         boxes="FKD's RandomResizedCrop fractions of the original image, on a 0..255 grid of the stored image",
-        region_bytes=D, quantization="uint8 round(255 p); uint16 ids, flip in bit 15 of ids[0]",
+        region_bytes=D, quantization=QUANTIZATION,
         pgt="the true class's top-k probability; where it is not in the top-k, (1 - sum of top-k) / (C - k)",
         pgt_estimated=estimated / (N * R), teacher_region_top1=hits / (N * R)))
     print(f"wrote {out}: {N} images x {R} regions from {fkd_dir}, {D} bytes/region; p_gt estimated "
@@ -799,4 +783,5 @@ def show(path, **flags):
 
 
 if __name__ == "__main__":
-    run_cli({"build": build, "import": import_fkd, "inspect": inspect, "show": show})
+    run_cli({"build": build, "import": import_fkd, "inspect": inspect, "show": show,
+             "fidelity": fidelity})

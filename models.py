@@ -1,6 +1,7 @@
 """
-The model zoo and the checkpoint format: the contract between `ferkd.py train` (which writes checkpoints) and
-`labels.py build` (which loads one as a teacher), kept here so that neither script imports the other.
+The model zoo, the checkpoint format and the teachers: the contract between `ferkd.py train` (which writes
+checkpoints, and scores crops with a teacher under --kd=kd) and `labels.py build` (which loads a teacher),
+kept here so that neither script imports the other.
 
 A checkpoint is a `torch.save` dict holding at least `model` (a state dict), `config` (the TrainConfig as a
 dict, whose `arch` names an entry of ARCHS) and `classes`; it is loaded with `weights_only=True`, so a file
@@ -9,6 +10,7 @@ can name an architecture but never code to run.
 Also here, for the same reason: FerKD's region categories under thresholds (their defaults, their check, and
 the pass over a label file's table), which `ferkd.py train` replays and `labels.py show` draws.
 """
+import hashlib
 import io
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock
 
-from beton import DATASETS, UserError, atomic_write
+from beton import DATASETS, MEAN, STD, UserError, atomic_write
 from kernels_triton import region_category
 
 # -----------------------------------------------------------------------------
@@ -87,6 +89,116 @@ def checkpoint_res(ckpt):
     """The input resolution a checkpoint was trained at (older checkpoints did not store it)."""
     data = ckpt["config"]["data"]
     return ckpt.get("res") or ckpt["config"].get("res") or DATASETS.get(data, dict(res=224))["res"]
+
+# -----------------------------------------------------------------------------
+# Teachers: any checkpoint of ours, torchvision's or timm's models, for `labels.py build` and online KD
+# (`ferkd.py train --kd=kd`)
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+TORCHVISION_TEACHERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+                        "efficientnet_b0", "convnext_tiny", "vit_b_16", "regnet_y_16gf")
+
+
+def _classes_in(state_dict, classifier, spec):
+    """The class count of the weights in `state_dict` for the classifier layer named `classifier` (fc,
+    head.fc, classifier.1, ...), so that a model fine-tuned on the user's own classes loads as saved."""
+    if isinstance(classifier, (tuple, list)):  # timm's distilled models name two heads: the first is the one
+        classifier = classifier[0]
+    weight = state_dict.get(f"{classifier}.weight")
+    if weight is None or weight.ndim != 2:
+        raise UserError(f"the weights of {spec} hold no {classifier}.weight classifier: another model's?")
+    return weight.shape[0]
+
+
+def _read_weights(path):
+    """A state dict from a .pth (tensors only: no pickled code) or a .safetensors file."""
+    if not Path(path).is_file():
+        raise UserError(f"teacher weights {path} not found")
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file  # here: only .safetensors weights need it (timm's)
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch and safetensors raise many types for a damaged or foreign file
+        raise UserError(f"cannot read teacher weights {path} ({type(e).__name__}): expected a state dict "
+                        f"saved by torch.save, or a .safetensors file") from None
+
+
+def _load_state(model, state, spec):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors: its first lines name them
+        raise UserError(f"the weights do not fit {spec}: " + " ".join(str(e).split())[:300]) from None
+
+
+def load_teacher(spec):
+    """A teacher from `spec`, in eval mode, with its identity for the label header (kind, name, checksum and
+    the input normalization the teacher was trained with):
+        CKPT.pt                      a checkpoint written by `ferkd.py train`
+        torchvision:NAME             torchvision's pretrained ImageNet weights (downloaded by torchvision)
+        torchvision:NAME@FILE.pth    weights from a file, of any class count (fine-tuned on your classes)
+        timm:NAME                    timm's pretrained weights (downloaded from the Hugging Face hub by timm)
+        timm:NAME@FILE               weights from a .pth or .safetensors file; timm's normalization for NAME
+    torchvision names come from an allow-list and timm names from timm's registry: a user string never names
+    code to import."""
+    kind, _, rest = spec.partition(":") if spec.startswith(("torchvision:", "timm:")) else ("ferkd", "", spec)
+    name, _, weights_file = rest.partition("@")
+    mean, std = MEAN, STD
+    if kind == "torchvision":
+        if name not in TORCHVISION_TEACHERS:
+            raise UserError(f"teacher {name!r} not supported; "
+                            f"choose one of {', '.join(TORCHVISION_TEACHERS)}")
+        if weights_file:
+            state = _read_weights(weights_file)
+            model = getattr(torchvision.models, name)(weights=None)
+            last = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]  # classifier
+            classes = _classes_in(state, last, spec)
+            if classes != 1000:
+                model = getattr(torchvision.models, name)(weights=None, num_classes=classes)
+            _load_state(model, state, spec)
+            checksum = file_sha256(weights_file)
+        else:
+            weights = torchvision.models.get_model_weights(name).DEFAULT
+            model = getattr(torchvision.models, name)(weights=weights)
+            checksum = str(weights)
+    elif kind == "timm":
+        import timm  # here: an optional dependency, needed only for timm teachers
+        if not timm.is_model(name):
+            raise UserError(f"timm has no model {name!r} (see timm.list_models())")
+        if weights_file:
+            state = _read_weights(weights_file)
+            model = timm.create_model(name, pretrained=False)
+            model.reset_classifier(_classes_in(state, model.pretrained_cfg["classifier"], spec))
+            _load_state(model, state, spec)
+            checksum = file_sha256(weights_file)
+        else:
+            model = timm.create_model(name, pretrained=True)
+            checksum = f"timm:{model.pretrained_cfg.get('hf_hub_id') or name}"
+        config = timm.data.resolve_model_data_config(model)
+        mean, std = tuple(config["mean"]), tuple(config["std"])
+    else:
+        model, ckpt = load_checkpoint(spec)
+        name, checksum = ckpt["config"]["arch"], file_sha256(spec)
+    return model.eval(), dict(kind=kind, name=name, checksum=checksum, mean=mean, std=std)
+
+
+@torch.no_grad()
+def check_teacher(model, spec, res, num_classes):
+    """One forward pass on a blank crop: the teacher must take res x res input and predict num_classes."""
+    try:
+        n_out = model(torch.zeros(1, 3, res, res)).shape[-1]
+    except RuntimeError as e:  # a stem that downsamples too far, a ViT with a fixed input size, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"teacher {spec} cannot take {res}x{res} crops ({first}); choose --res") from None
+    if n_out != num_classes:
+        raise UserError(f"teacher {spec} predicts {n_out} classes, the dataset has {num_classes}")
 
 # -----------------------------------------------------------------------------
 # FerKD's region categories: what `ferkd.py train` replays and `labels.py show` draws

@@ -22,7 +22,7 @@ def fake_table(N=50, R=6, k=5, seed=0):
     pgt = rng.random((N, R)) ** 2
     pgt[0] = 0.0  # image 0: every region dropped at t_low > 0
     return beton.pack_regions(beton.grid_boxes(b, 32, 32).reshape(N, R, 4), f.reshape(N, R),
-                               rng.integers(0, 10, (N, R, k)), rng.random((N, R, k)) / k, pgt)
+                               rng.integers(0, 10, (N, R, k)), rng.random((N, R, k)) / k, pgt, 10)
 
 
 @pytest.mark.parametrize("t_low, t_mid, t_top", [(0.1, 0.3, 0.9), (0.0, 0.0, 1.0), (0.25, 0.25, 0.6)])
@@ -148,8 +148,11 @@ def dense_kd_loss(table, k, C, labels, index, choice, logits, partner, share, T,
     for r in range(len(rec)):
         y, a_sum = np.zeros(C), 0.0
         for m, a in ((r, share[r]), (partner[r], 1 - share[r])):
-            ids = rec[m, 4:4 + 2 * k].view(np.uint16) & 0x7FFF
-            probs = rec[m, 4 + 2 * k:4 + 3 * k] / 255.0
+            ids = rec[m, 4:4 + 2 * k].view(np.uint16)
+            code = rec[m, 4 + 2 * k:4 + 3 * k].astype(np.float64)     # the log code, decoded by its formula
+            probs = np.where(code == 255, 0.0, 2.0 ** (-1 - code / 12))
+            if rec[m, 4 + 3 * k + 1] & 2:                               # slot 0 holds the rest: top-1 derived
+                probs[0] = 1 - probs.sum()
             p = np.float32(rec[m, 4 + 3 * k]) / np.float32(255)  # p_gt as the trainer reads it
             if by_rank:
                 pgt = table[image[m], :, 4 + 3 * k].astype(int)

@@ -122,8 +122,25 @@ def test_temperature_is_stored_and_trained_with(built, reference, tmp_path):
     confident = p_1[..., 0] > 0.5
     assert confident.float().mean() > 0.2  # enough regions to compare (49% measured)
     assert (ids_t[..., 0] == ids_1[..., 0])[confident].float().mean() > 0.99  # argmax kept (ties may swap)
-    assert (p_t[..., 0] <= p_1[..., 0] + 1 / 255)[confident].all()  # never sharper (one rounding step)
+    assert (p_t[..., 0] <= p_1[..., 0] + 0.03)[confident].all()  # never sharper (the code's error: 3% of the
+    # others' mass each, the top-1 being derived from them)
     assert p_t[..., 0][confident].mean() < p_1[..., 0][confident].mean() - 0.05  # and softer on the whole
     cli("ferkd.py", "train", "--data=digits", f"--labels={out}", "--kd=fkd", "--arch=small16", "--epochs=1",
         "--batch_size=64", f"--run_dir={tmp_path / 'r'}")
     assert json.loads((tmp_path / "r" / "config.json").read_text())["label_header"]["temperature"] == 2.0
+
+
+def test_fidelity_of_the_label_code(built):
+    """`labels.py fidelity` re-runs the file's own teacher on its stored regions: the file keeps the teacher
+    as well as FKD's float16 top-k does (KL within 1.1x, mean and median), no region's order is inverted,
+    and nothing beats storing the exact top-k. A 6-epoch digits teacher; 600 regions."""
+    import json
+
+    ckpt, labels = built
+    p = cli("labels.py", "fidelity", labels, f"--teacher={ckpt}", "--samples=600")
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["samples"] == 600 and r["region_bytes"] == 21 <= 25
+    assert r["file"]["inverted"] == 0
+    for stat in ("kl_mean", "kl_median"):
+        assert r["exact_topk"][stat] <= r["file"][stat] <= 1.1 * r["fp16_topk"][stat], r
+    assert r["exact_topk"]["kl_mean"] > 0  # the teacher's full softmax differs from a top-k: the check can fail
