@@ -12,7 +12,9 @@ Train a student from stored region soft labels: FKD (Shen & Xing, ECCV 2022) and
 
 Modes: `--kd=none` trains with RandomResizedCrop and label-smoothed cross-entropy (no label file, the baseline
 and the way to train a teacher); `--kd=fkd` replays the stored regions of a label file and learns from the
-teacher's top-k soft labels, never running a teacher; `--kd=ferkd` adds FerKD's calibration by p_gt.
+teacher's top-k soft labels, never running a teacher (`--regions=R'` replays the first R' of each image's
+stored regions only); `--kd=ferkd` adds FerKD's calibration by p_gt; `--kd=kd --teacher=T` is online KD, the
+method FKD approximates: the teacher scores every training crop of every step (Hinton et al. 2015).
 The final line printed is a JSON object of the final metrics; `RUN_DIR/final.pt` holds the student.
 Checkpoints (`RUN_DIR/ckpt-STEP.pt`, every --ckpt_every steps and each epoch) resume bit-exactly on CPU:
 re-run the same command, or add --resume to insist on it.
@@ -44,8 +46,9 @@ from beton import (MEAN, STD, UserError, atomic_write, center_boxes, dataset_bet
                    region_loader, region_plan, run_cli, setup_distributed, to_model_input, unpack_regions,
                    whole_image_plan)
 from kernels_triton import ferkd_loss, region_category
-from models import (ARCHS, CHUNK_IMAGES, FERKD_DEFAULTS, build_model, check_thresholds, checkpoint_res,
-                    load_checkpoint, region_categories, region_scores, save_checkpoint, threshold_defaults)
+from models import (ARCHS, CHUNK_IMAGES, FERKD_DEFAULTS, build_model, check_teacher, check_thresholds,
+                    checkpoint_res, load_checkpoint, load_teacher, region_categories, region_scores,
+                    save_checkpoint, threshold_defaults)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -54,7 +57,12 @@ from models import (ARCHS, CHUNK_IMAGES, FERKD_DEFAULTS, build_model, check_thre
 class TrainConfig:
     data: str = "fashion-mnist"   # digits | fashion-mnist | imagefolder:/path (test split for evaluation)
     labels: str = ""              # label file from `labels.py build` (kd=fkd|ferkd)
-    kd: str = "none"              # none: CE baseline | fkd: stored soft labels | ferkd: + calibration
+    kd: str = "none"              # none: CE baseline | fkd: stored soft labels | ferkd: + calibration |
+                                  # kd: online KD, --teacher scores every training crop (Hinton et al.)
+    teacher: str = ""             # kd=kd: the teacher (any `labels.py build` teacher: CKPT.pt, torchvision:,
+                                  # timm:), run in eval mode without gradients on each step's crops
+    temperature: float = 1.0      # kd=kd: T of both softmaxes, loss x T^2 (fkd/ferkd: the label file's T)
+    regions: int = 0              # fkd/ferkd: replay only each image's first R' stored regions (0: all R)
     arch: str = "small32"         # see models.ARCHS
     epochs: int = 5
     batch_size: int = 256         # images per optimizer step, all processes together
@@ -110,10 +118,16 @@ BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, 
 
 
 def check_config(c):
-    if c.kd not in ("none", "fkd", "ferkd"):
-        raise UserError(f"--kd must be none, fkd or ferkd, got {c.kd!r}")
-    if c.kd != "none" and not c.labels:
+    if c.kd not in ("none", "fkd", "ferkd", "kd"):
+        raise UserError(f"--kd must be none, fkd, ferkd or kd, got {c.kd!r}")
+    if c.kd in ("fkd", "ferkd") and not c.labels:
         raise UserError(f"--kd={c.kd} needs --labels=FILE.beton (build it with `python labels.py build`)")
+    if (c.kd == "kd") != bool(c.teacher) or (c.kd == "kd" and c.labels):
+        raise UserError("--kd=kd (online KD) takes --teacher=T and no --labels; --teacher acts only with it")
+    if c.temperature <= 0 or (c.temperature != 1 and c.kd != "kd"):
+        raise UserError("--temperature must be > 0 and acts only with --kd=kd (fkd/ferkd use the labels' T)")
+    if c.regions < 0 or (c.regions and c.kd not in ("fkd", "ferkd")):
+        raise UserError("--regions must be >= 0 and acts only with --kd=fkd or --kd=ferkd")
     if c.arch not in ARCHS:
         raise UserError(f"unknown --arch={c.arch}; choose one of {', '.join(ARCHS)}")
     for name in ("epochs", "batch_size", "crops", "num_workers", "keep_ckpts"):
@@ -132,7 +146,7 @@ def check_config(c):
         raise UserError("--mix must be none, cutmix or mixup and --mix_source self or batch")
     if not 0 <= c.mix_prob <= 1 or c.mix_alpha <= 0:
         raise UserError("--mix_prob must be in [0, 1] and --mix_alpha > 0")
-    if c.mix != "none" and c.kd == "none":
+    if c.mix != "none" and c.kd in ("none", "kd"):
         raise UserError("--mix mixes stored regions and their labels: use it with --kd=fkd or --kd=ferkd")
     if c.mix != "none" and c.mix_source == "self" and c.crops < 2:
         raise UserError("SelfMix mixes two regions of one image: it needs --crops >= 2")
@@ -158,7 +172,7 @@ def region_plans(c, header, table, heights, widths):
     chunk."""
     N = len(heights)
     plan = np.zeros((N, c.crops, 5), np.int32)
-    if c.kd == "none":  # fresh RandomResizedCrop boxes every epoch, by the label builder's rule and grid
+    if table is None:  # CE and online KD: fresh RandomResizedCrop boxes every epoch, by the builder's rule
         H, W = np.repeat(heights, c.crops), np.repeat(widths, c.crops)
 
         def fill(epoch):
@@ -168,7 +182,7 @@ def region_plans(c, header, table, heights, widths):
             return None
         return plan, fill, np.arange(N), None
 
-    R, k = header["regions"], header["k"]
+    R, k = table.shape[1], header["k"]  # R: the regions replayed (--regions may take the first R' only)
     cat = region_categories(table, k, c.t_low, c.t_mid, c.t_top, by_rank=c.thresholds == "rank")
     count = (cat > 0).sum(1)  # FerKD: dropped regions are never replayed
     kept_images = np.flatnonzero(count > 0)
@@ -192,7 +206,7 @@ def region_plans(c, header, table, heights, widths):
 
 
 def ce_loss(label_smoothing):
-    def loss(logits, labels, index, choice, partner, share):
+    def loss(x, logits, labels, index, choice, partner, share):
         return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     return loss
 
@@ -214,7 +228,7 @@ def kd_loss(c, table, header):
     scores = torch.from_numpy(region_scores(table, k, True)) if c.thresholds == "rank" else None
     table = torch.from_numpy(table)
 
-    def loss(logits, labels, index, choice, partner, share):
+    def loss(x, logits, labels, index, choice, partner, share):
         ids, probs, pgt = region_targets(table, k, index, choice, logits.device)
         if scores is not None:
             pgt = scores[index[:, None], choice[index]].flatten().to(logits.device).float() / 255
@@ -225,6 +239,25 @@ def kd_loss(c, table, header):
         mix = torch.stack([share, 1 - share], 1)
         return ferkd_loss(logits, ids, probs, pgt, labels, mix, t_low=c.t_low, t_mid=c.t_mid, t_top=c.t_top,
                           eps=c.eps, temperature=temperature)
+    return loss
+
+
+def online_kd_loss(c, teacher, teacher_id, amp_dtype):
+    """Online KD (Hinton et al. 2015), the method FKD approximates: the teacher scores the step's own crops
+    x (the student's input, renormalized to the statistics the teacher was trained with), in eval mode and
+    without gradients, and the student learns from its full softmax at T with FKD's soft cross-entropy:
+    T^2 x mean over rows of -sum_c softmax(teacher / T)_c log softmax(student / T)_c."""
+    teacher.eval().requires_grad_(False)
+    T = c.temperature
+    device = next(teacher.parameters()).device
+    t_mean, t_std, s_mean, s_std = (torch.tensor(v, device=device).view(1, 3, 1, 1)
+                                    for v in (teacher_id["mean"], teacher_id["std"], MEAN, STD))
+    scale, shift = s_std / t_std, (s_mean - t_mean) / t_std  # x_teacher = x * scale + shift
+
+    def loss(x, logits, labels, index, choice, partner, share):
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            target = F.softmax(teacher(x * scale + shift).float() / T, dim=1)   # (rows, C)
+        return T * T * F.cross_entropy(logits.float() / T, target)
     return loss
 
 
@@ -328,7 +361,7 @@ def make_train_step(model, optimizer, scaler, loss_fn, mix_fn, amp_dtype, device
         labels = labels.to(device).repeat_interleave(crops)            # a no-op: the loader put them there
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)                                       # (B*crops, C)
-        loss = loss_fn(logits, labels, index, choice, partner, share)
+        loss = loss_fn(x, logits, labels, index, choice, partner, share)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -484,7 +517,7 @@ def training_data(c, rank, world, device):
     """The label file checked against --data (or the dataset's own images for --kd=none), the region table,
     each epoch's plan and the loaders; prints what the thresholds keep."""
     header, table = None, None
-    if c.kd == "none":
+    if c.kd in ("none", "kd"):
         train_path, ds = dataset_beton(c.data, "train")
     else:
         hint = f"re-run `python labels.py build --data={c.data} --out={c.labels} ...`"
@@ -497,6 +530,9 @@ def training_data(c, rank, world, device):
         if c.res and c.res != header["res"]:
             raise UserError(f"{c.labels} was built for crops at {header['res']} px, not --res={c.res}")
         train_path, table = Path(c.labels), read_regions(c.labels, header)
+        if c.regions > header["regions"]:
+            raise UserError(f"--regions={c.regions}: {c.labels} holds {header['regions']} per image")
+        table = table[:, :c.regions or None]  # a view: the first R' regions of every image
     res = (header or {}).get("res") or c.res or ds.res
     heights, widths = image_sizes(train_path)
     plan, fill_plan, kept_images, category = region_plans(c, header, table, heights, widths)
@@ -514,7 +550,7 @@ def training_data(c, rank, world, device):
         raise UserError(f"{len(kept_images)} training images give no full batch of "
                         f"--batch_size={c.batch_size}")
     shares = None
-    if c.kd != "none":
+    if table is not None:
         shares = [np.count_nonzero(category == i) / category.size for i in range(3)]
         by = " by their place in the image" if c.thresholds == "rank" else ""
         print0(f"regions{by} at t_low={c.t_low} t_mid={c.t_mid} t_top={c.t_top}: dropped {shares[0]:.1%}, "
@@ -655,7 +691,16 @@ def train(**flags):
     step, history, epoch_losses, t_train = resume(state, rank, generator, device)
 
     # the mode, chosen once: the loss and the mixing are functions, the step never branches on flags
-    loss_fn = ce_loss(c.label_smoothing) if c.kd == "none" else kd_loss(c, data.table, data.header)
+    if c.kd == "kd":
+        teacher, teacher_id = load_teacher(c.teacher)
+        check_teacher(teacher, c.teacher, data.res, len(data.classes))
+        teacher.to(device, memory_format=torch.channels_last)
+        if compiled:
+            teacher.compile()
+        loss_fn = online_kd_loss(c, teacher, teacher_id, amp_dtype)
+    else:
+        teacher_id = None
+        loss_fn = ce_loss(c.label_smoothing) if c.kd == "none" else kd_loss(c, data.table, data.header)
     train_step = make_train_step(ddp, optimizer, scaler, loss_fn, mix_batch(c, generator), amp_dtype, device,
                                  c.crops)
     warmup = int(c.warmup_epochs * steps_per_epoch)
@@ -666,7 +711,7 @@ def train(**flags):
                   rows_per_step=c.batch_size * c.crops, steps_per_epoch=steps_per_epoch,
                   total_steps=total_steps, peak_lr=peak_lr, train_res=data.res, device=str(device),
                   compiled=compiled, train_images=len(data.kept_images), num_classes=len(data.classes),
-                  resumed_at_step=step, region_shares=shares,
+                  resumed_at_step=step, region_shares=shares, teacher_id=teacher_id,
                   **run_metadata(device), label_header=data.header)
     print0(json.dumps({k: v for k, v in config.items() if k != "label_header"}))
     if state is not None:

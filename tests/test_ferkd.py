@@ -200,7 +200,7 @@ def test_kd_loss_is_its_definition(kd, thresholds, mix_source, T, by):
     share = np.where(rng.random(N * n) < 0.5, 1.0, rng.random(N * n))
     logits = rng.normal(size=(N * n, C)) * 3
     got = ferkd.kd_loss(c, table, dict(regions=R, k=k, temperature=T))(
-        torch.tensor(logits, dtype=torch.float32), torch.from_numpy(np.repeat(labels, n)),
+        None, torch.tensor(logits, dtype=torch.float32), torch.from_numpy(np.repeat(labels, n)),
         torch.from_numpy(index), torch.from_numpy(choice), torch.from_numpy(partner),
         torch.tensor(share, dtype=torch.float32))
     want = dense_kd_loss(table, k, C, labels, index, choice, logits, partner, share, T, t_low, t_mid, t_top,

@@ -47,12 +47,16 @@ def test_ffcv_random_order_is_a_function_of_seed_and_epoch():
     assert len(tail) == len(a) - 5 and all(torch.equal(x, y) for x, y in zip(a[5:], tail))
 
 
-def test_resume_after_sigkill_is_bit_exact(built, tmp_path):
-    """FKD with SelfMix (cutmix draws from the global and the mix RNG) killed mid-epoch, then re-run with the
-    same command: the final weights, optimizer state and per-epoch metrics equal an uninterrupted run's."""
-    _, path = built
-    args = ["ferkd.py", "train", "--data=digits", f"--labels={path}", "--kd=fkd", "--arch=small16",
-            "--epochs=3", "--batch_size=64", "--crops=2", "--mix=cutmix", "--mix_prob=0.5", "--ckpt_every=5"]
+@pytest.mark.parametrize("mode", ["fkd-selfmix", "online-kd"])
+def test_resume_after_sigkill_is_bit_exact(built, tmp_path, mode):
+    """FKD with SelfMix (cutmix draws from the global and the mix RNG), and online KD (fresh crops each epoch,
+    the teacher scoring them), killed mid-epoch, then re-run with the same command: the final weights,
+    optimizer state and per-epoch metrics equal an uninterrupted run's."""
+    ckpt, path = built
+    flags = {"fkd-selfmix": [f"--labels={path}", "--kd=fkd", "--mix=cutmix", "--mix_prob=0.5"],
+             "online-kd": ["--kd=kd", f"--teacher={ckpt}", "--temperature=2"]}[mode]
+    args = ["ferkd.py", "train", "--data=digits", *flags, "--arch=small16", "--epochs=3", "--batch_size=64",
+            "--crops=2", "--ckpt_every=5"]
     cli(*args, f"--run_dir={tmp_path / 'whole'}")
     run = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, *args, f"--run_dir={run}"], cwd=ROOT, stdout=subprocess.DEVNULL,
