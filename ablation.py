@@ -8,6 +8,8 @@ last checkpoint, so a study can be stopped and re-run across sessions):
     python ablation.py run --study=regime   # issue 16: a regime nearer the papers' (hours of CPU; run alone)
     python ablation.py table --study=regime
     python ablation.py plot --study=regime  # per-epoch curves and top-1 against schedule length, one PNG
+    python ablation.py run --study=regime --settings='["CE ls=0","online KD","FKD log code"]'  # issue 24 arms
+    python ablation.py table --study=regime --base="online KD"
 
 "small" (README's current table): a small32 teacher trained with CE and label smoothing for 4 epochs on all
 60,000 training images (88.5% test top-1; the demo's teacher); its labels with 4 regions per image, top-5;
@@ -26,6 +28,12 @@ The teacher first trained for 15 epochs (92.21%), 2.94 points above the CE stude
 issue 16 asks of it; it was replaced by the 30-epoch one (93.31%, 4.04 points above) before any
 distillation arm ran. The CE rows, which read neither teacher nor labels, ran beside the first one and
 record its 92.21%.
+
+Issue 24 adds to "regime", on label schema 3 (a log code; the rows before ran on round(255 p), which lost much
+of the teacher: `labels.py fidelity`): CE without label smoothing, online KD (the teacher scoring every crop:
+the ceiling FKD approximates), FKD at R' = 32 and 8 stored regions per image, and FerKD's defaults. A session
+without the old teacher's files retrains it with the same flags and seed; each row records the teacher's
+top-1, so a changed teacher shows.
 
 Every row records the flags, the git revision and the teacher's test top-1. Seeds are independent: data
 orders and SelfMix draws come from hashes of (seed, epoch) and (seed, rank), not seed + epoch.
@@ -79,6 +87,13 @@ STUDIES = {
             "FerKD rank": RANK,
             "FerKD rank + SelfMix": RANK + SELFMIX,
             "FerKD rank + CutMix across images": RANK + SELFMIX + ["--mix_source=batch"],
+            # issue 24, on label schema 3 (the log code; the rows above ran on round(255 p), schema 2): what
+            # online KD reaches and how much of it FKD keeps. "FKD log code" has FKD's flags: the code differs
+            "CE ls=0": ["--kd=none", "--label_smoothing=0"],
+            "online KD": ["--kd=kd", "--teacher={teacher}"],
+            "FKD log code": ["--kd=fkd"],
+            "FKD log code R'=8": ["--kd=fkd", "--regions=8"],
+            "FerKD defaults log code": ["--kd=ferkd"],
         }),
 }
 SEEDS = (0, 1, 2)
@@ -127,15 +142,18 @@ def run(study="small", settings=None, seeds=SEEDS):
                 epochs = max(1, round(s["epochs"] * fraction))
                 if (name, seed, epochs) in done(study):
                     continue
-                extra = s["settings"][name] + ([] if name == "CE" else [f"--labels={labels}"])
+                extra = [f.format(teacher=teacher / "final.pt") for f in s["settings"][name]]
+                if any(f in ("--kd=fkd", "--kd=ferkd") for f in extra):
+                    extra.append(f"--labels={labels}")
                 run_dir = s["runs"] / f"{name.replace(' ', '_').replace('/', '-')}-e{epochs}-s{seed}"
                 t0 = time.time()
                 if not (run_dir / "final.json").exists():  # else it finished but was not recorded yet
                     sh("ferkd.py", "train", "--data=fashion-mnist", *s["student"], f"--epochs={epochs}",
                        *extra, f"--seed={seed}", f"--run_dir={run_dir}")  # resumes a run stopped part-way
                 log = (run_dir / "metrics.jsonl").read_text().splitlines()
+                final = json.loads((run_dir / "final.json").read_text())
                 row = dict(setting=name, seed=seed, epochs=epochs, flags=s["student"] + extra,
-                           top1=json.loads((run_dir / "final.json").read_text())["top1"],
+                           top1=final["top1"], train_s_per_epoch=round(final["train_seconds"] / epochs, 1),
                            top1_per_epoch=[json.loads(line)["top1"] for line in log],
                            wall_s=round(time.time() - t0, 1), git=git_revision(), teacher_top1=teacher_top1)
                 with open(s["results"], "a") as f:
@@ -162,14 +180,15 @@ def paired(rows, name, base, epochs):
     return f"{mean_std(diff)} ({len(diff)})" if diff and name != base else ""
 
 
-def table(study="small"):
+def table(study="small", base="FKD", settings=None):
     """Markdown table: mean ± std of the final top-1 per setting and schedule, its seed-paired differences to
-    CE and to FKD, the mean curve, and the setting's flags (each row's own, as it ran, are in the results)."""
+    CE and to `base`, training seconds per epoch (clock stopped around evaluation; rows that recorded it), the
+    mean curve, and the setting's flags (each row's own, as it ran, are in the results)."""
     rows = done(study)
-    print("| setting | epochs | runs | top-1 % (mean ± std) | Δ vs CE (paired) | Δ vs FKD (paired) "
-          "| top-1 by epoch (mean) | flags |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in STUDIES[study]["settings"]:
+    print(f"| setting | epochs | runs | top-1 % (mean ± std) | Δ vs CE (paired) | Δ vs {base} (paired) "
+          "| train s/epoch | top-1 by epoch (mean) | flags |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in settings or STUDIES[study]["settings"]:
         for epochs in sorted({e for (n, _, e) in rows if n == name}, reverse=True):
             got = runs_of(rows, name, epochs)
             curve = [statistics.mean(c) for c in zip(*[r["top1_per_epoch"] for r in got])]
@@ -177,9 +196,10 @@ def table(study="small"):
                 {max(1, round(len(curve) * q)) for q in (0.25, 0.5, 0.75, 1)})  # long curves: quarters
             by_epoch = " ".join(("" if len(curve) <= 8 else f"e{e}: ") + f"{curve[e - 1]:.1f}" for e in shown)
             flags = " ".join(STUDIES[study]["settings"][name])  # as the current code reads them
+            seconds = [r["train_s_per_epoch"] for r in got if "train_s_per_epoch" in r]
             print(f"| {name} | {epochs} | {len(got)} | {mean_std([r['top1'] for r in got])} | "
-                  f"{paired(rows, name, 'CE', epochs)} | {paired(rows, name, 'FKD', epochs)} | {by_epoch} | "
-                  f"`{flags}` |")
+                  f"{paired(rows, name, 'CE', epochs)} | {paired(rows, name, base, epochs)} | "
+                  f"{f'{statistics.mean(seconds):.1f}' if seconds else ''} | {by_epoch} | `{flags}` |")
 
 
 def plot(study="regime", out=None):
