@@ -72,7 +72,10 @@ class TrainConfig:
     weight_decay: float = 5e-5
     warmup_epochs: float = 0.5    # linear warm-up, then cosine to zero
     label_smoothing: float = 0.1  # kd=none only
-    res: int = 0                  # training resolution; 0: the label file's, or the dataset default
+    res: int = 0                  # training resolution; 0: the label file's, or the dataset default (a stored
+                                  # region is a box on the image: it is cut at any size)
+    eval_res: int = 0             # evaluation resolution; 0: the training resolution
+    eval_ratio: float = 224 / 256  # image folders: evaluation centre crop's side / the image's shorter side
     scale_min: float = 0.08       # kd=none RandomResizedCrop area range (labels fix it for fkd/ferkd)
     thresholds: str = ""          # FerKD: p_gt: t_* compare each region's p_gt | rank: its place in its image
                                   # by p_gt, 0 (lowest) to 1 (highest): per-image hard-region mining
@@ -150,8 +153,10 @@ def check_config(c):
         raise UserError("--mix mixes stored regions and their labels: use it with --kd=fkd or --kd=ferkd")
     if c.mix != "none" and c.mix_source == "self" and c.crops < 2:
         raise UserError("SelfMix mixes two regions of one image: it needs --crops >= 2")
-    if c.subset < 0 or c.res < 0 or c.ckpt_every < 0:
-        raise UserError("--subset, --res and --ckpt_every must be >= 0")
+    if c.subset < 0 or c.res < 0 or c.eval_res < 0 or c.ckpt_every < 0:
+        raise UserError("--subset, --res, --eval_res and --ckpt_every must be >= 0")
+    if not 0 < c.eval_ratio <= 1:
+        raise UserError(f"--eval_ratio must be in (0, 1], got {c.eval_ratio}")
     if c.compile.lower() not in (*BOOL_WORDS, "auto"):
         raise UserError(f"--compile takes true or false (or auto: on CUDA only), got {c.compile!r}")
 
@@ -392,13 +397,15 @@ def evaluate(model, loader, device, amp_dtype, num_classes):
     return dict(top1=100 * top1 / n, top5=100 * top5 / n, test_images=int(n)), sums.cpu()
 
 
-def eval_loader(data, res, batch_size, num_workers, rank, world, device):
+def eval_loader(data, res, ratio, batch_size, num_workers, rank, world, device):
+    """The test split at res x res: small built-in images whole; an image folder's images as the centre square
+    of side ratio x the shorter side, resized (ffcv-imagenet's centre crop: 224 / 256 at res 224)."""
     path, ds = dataset_beton(data, "test")
     h, w = image_sizes(path)
-    if isinstance(ds.images, np.ndarray):  # small built-in images: whole; an image folder: the centre crop
+    if isinstance(ds.images, np.ndarray):
         plan = whole_image_plan(h, w)
     else:
-        plan = np.concatenate([center_boxes(h, w, 224 / 256), np.zeros((len(h), 1), np.int32)], 1)[:, None]
+        plan = np.concatenate([center_boxes(h, w, ratio), np.zeros((len(h), 1), np.int32)], 1)[:, None]
     shard = np.arange(rank, len(h), world)  # disjoint shards: no padding duplicates in the accuracy
     return region_loader(path, np.ascontiguousarray(plan, np.int32), res, batch_size, num_workers,
                          indices=shard, device=device), ds
@@ -527,13 +534,11 @@ def training_data(c, rank, world, device):
             raise UserError(f"{c.labels} was built for {header['dataset']} ({header['num_classes']} classes, "
                             f"fingerprint {header['fingerprint']}), not --data={c.data} ({len(ds.classes)} "
                             f"classes, {ds.fingerprint()}); {hint}")
-        if c.res and c.res != header["res"]:
-            raise UserError(f"{c.labels} was built for crops at {header['res']} px, not --res={c.res}")
         train_path, table = Path(c.labels), read_regions(c.labels, header)
         if c.regions > header["regions"]:
             raise UserError(f"--regions={c.regions}: {c.labels} holds {header['regions']} per image")
         table = table[:, :c.regions or None]  # a view: the first R' regions of every image
-    res = (header or {}).get("res") or c.res or ds.res
+    res = c.res or (header or {}).get("res") or ds.res
     heights, widths = image_sizes(train_path)
     plan, fill_plan, kept_images, category = region_plans(c, header, table, heights, widths)
     if c.subset:
@@ -543,7 +548,8 @@ def training_data(c, rank, world, device):
     per_rank = c.batch_size // world
     loader = region_loader(train_path, plan, res, per_rank, c.num_workers, order="random", seed=c.seed,
                            indices=kept_images, drop_last=True, distributed=world > 1, device=device)
-    test_loader, _ = eval_loader(c.data, res, 512, c.num_workers, rank, world, device)
+    test_loader, _ = eval_loader(c.data, c.eval_res or res, c.eval_ratio, 512, c.num_workers, rank, world,
+                                 device)
     # under DDP each rank gets ceil(N / world) images (FFCV pads like DistributedSampler): count its batches
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
@@ -801,6 +807,7 @@ class EvalConfig:
     ckpt: str = ""          # checkpoint written by `ferkd.py train` (final.pt or ckpt-STEP.pt)
     data: str = ""          # dataset whose test split is evaluated; "": the one the checkpoint trained on
     res: int = 0            # input resolution; 0: the checkpoint's training resolution
+    ratio: float = 224 / 256  # image folders: centre crop's side / the image's shorter side
     batch_size: int = 512   # images per forward, all processes together
     num_workers: int = 2    # FFCV decoding threads per process
     device: str = "auto"    # auto | cpu | cuda
@@ -812,12 +819,13 @@ def evaluate_checkpoint(**flags):
     c = parse_config(EvalConfig, flags)
     if not c.ckpt:
         raise UserError("--ckpt=FILE.pt is required")
-    if c.batch_size < 1 or c.num_workers < 1 or c.res < 0:
-        raise UserError("--batch_size and --num_workers must be >= 1, --res >= 0")
+    if c.batch_size < 1 or c.num_workers < 1 or c.res < 0 or not 0 < c.ratio <= 1:
+        raise UserError("--batch_size and --num_workers must be >= 1, --res >= 0, --ratio in (0, 1]")
     rank, world, device = setup_distributed(c.device)
     model, ckpt = load_checkpoint(c.ckpt)
     data, res = c.data or ckpt["config"]["data"], c.res or checkpoint_res(ckpt)
-    loader, ds = eval_loader(data, res, max(1, c.batch_size // world), c.num_workers, rank, world, device)
+    loader, ds = eval_loader(data, res, c.ratio, max(1, c.batch_size // world), c.num_workers, rank, world,
+                             device)
     if list(ds.classes) != list(ckpt["classes"]):
         raise UserError(f"{c.ckpt} predicts {len(ckpt['classes'])} classes "
                         f"({', '.join(ckpt['classes'][:4])}, ...), --data={data} has {len(ds.classes)} "

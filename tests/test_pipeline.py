@@ -344,3 +344,56 @@ def test_epoch_orders_of_two_seeds_are_independent():
     for r in range(3):
         dealt[r::3] = shares[r]
     assert np.array_equal(dealt, np.resize(ours[7, 2], 102))  # the one-process order, padded and dealt out
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba at loader collection
+def test_training_at_another_resolution_replays_the_stored_boxes(built):
+    """--res other than the label file's: the trainer's loader cuts each chosen stored box (and flip) at the
+    new size, pixel-exact against OpenCV (a region is a box on the image, the label the teacher's on it)."""
+    import beton
+    import ferkd
+    _, path = built
+    header, table, ds = stored(path)
+    c = ferkd.TrainConfig(data="digits", labels=str(path), kd="fkd", res=24, crops=2, batch_size=64)
+    data = ferkd.training_data(c, 0, 1, torch.device("cpu"))
+    assert data.res == 24 != header["res"]
+    choice = data.fill_plan(0)
+    h, w = beton.image_sizes(path)
+    images, _, index = next(iter(beton.epoch_batches(data.loader, 0)))
+    assert images.shape[1:] == (2, 24, 24, 3)
+    for b, i in enumerate(index.tolist()):
+        for j in range(2):
+            rec = table[i, int(choice[i, j])]
+            box = beton.box_pixels(rec[:4], h[i], w[i])
+            flip = bool(beton.unpack_regions(torch.from_numpy(rec), K)[3])
+            np.testing.assert_array_equal(images[b, j].numpy(), reference_crop(ds.images[i], box, flip, 24))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_evaluation_at_eval_res_is_the_centre_crop(tmp_path):
+    """Image folders evaluate on the centre square of side ratio x the shorter side, resized to --eval_res:
+    pixel-exact against OpenCV's crop and INTER_AREA resize of the stored image."""
+    from PIL import Image
+    import beton
+    import ferkd
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 256, (32, 32, 3), np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.png")
+    data = f"imagefolder:{tmp_path}"
+    loader, ds = ferkd.eval_loader(data, 12, 0.75, 64, 1, 0, 1, torch.device("cpu"))
+    got = {int(i): img[0].numpy() for x, _, index in beton.epoch_batches(loader, 0)
+           for img, i in zip(x, index)}
+    path, _ = beton.dataset_beton(data, "test")
+    h, w = beton.image_sizes(path)
+    whole = beton.region_loader(path, beton.whole_image_plan(h, w), 32, 64, 1)  # stored pixels
+    side, top = 24, 4  # int(0.75 * 32), centred
+    for x, _, index in beton.epoch_batches(whole, 0):
+        for img, i in zip(x, index.tolist()):
+            crop = img[0].numpy()[top:top + side, top:top + side]
+            want = cv2.resize(crop, (12, 12), interpolation=cv2.INTER_AREA)
+            np.testing.assert_array_equal(got[i], want)
+    assert len(got) == len(ds.labels) == 6
