@@ -21,6 +21,7 @@ re-run the same command, or add --resume to insist on it.
 """
 import csv
 import dataclasses
+import functools
 import importlib.metadata
 import io
 import itertools
@@ -74,7 +75,12 @@ class TrainConfig:
     label_smoothing: float = 0.1  # kd=none only
     res: int = 0                  # training resolution; 0: the label file's, or the dataset default (a stored
                                   # region is a box on the image: it is cut at any size)
-    eval_res: int = 0             # evaluation resolution; 0: the training resolution
+    min_res: int = 0              # progressive resizing (ffcv-imagenet): train at min_res until --ramp_start,
+                                  # then rise linearly to --res at --ramp_end, rounded to --res_step; 0: off
+    ramp_start: int = 0           # epoch (0-based) where the ramp leaves min_res
+    ramp_end: int = 0             # epoch where it reaches --res
+    res_step: int = 32            # the ramp's resolutions are multiples of this (ImageNet: 32)
+    eval_res: int = 0             # evaluation resolution; 0: the (final) training resolution
     eval_ratio: float = 224 / 256  # image folders: evaluation centre crop's side / the image's shorter side
     scale_min: float = 0.08       # kd=none RandomResizedCrop area range (labels fix it for fkd/ferkd)
     thresholds: str = ""          # FerKD: p_gt: t_* compare each region's p_gt | rank: its place in its image
@@ -155,6 +161,10 @@ def check_config(c):
         raise UserError("SelfMix mixes two regions of one image: it needs --crops >= 2")
     if c.subset < 0 or c.res < 0 or c.eval_res < 0 or c.ckpt_every < 0:
         raise UserError("--subset, --res, --eval_res and --ckpt_every must be >= 0")
+    ramp_ok = 0 <= c.ramp_start < c.ramp_end <= c.epochs and c.res_step >= 1
+    if c.min_res < 0 or (c.min_res and not ramp_ok):
+        raise UserError("progressive resizing (--min_res > 0) needs 0 <= --ramp_start < --ramp_end <= --epochs "
+                        "and --res_step >= 1")
     if not 0 < c.eval_ratio <= 1:
         raise UserError(f"--eval_ratio must be in (0, 1], got {c.eval_ratio}")
     if c.compile.lower() not in (*BOOL_WORDS, "auto"):
@@ -357,6 +367,15 @@ def lr_at(step, total, warmup, peak):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def res_at(c, epoch, res):
+    """The training resolution of an epoch (0-based): `res` throughout, or with --min_res ffcv-imagenet's
+    ramp, np.interp(epoch, [ramp_start, ramp_end], [min_res, res]) rounded to a multiple of --res_step."""
+    if not c.min_res:
+        return res
+    ramp = np.interp(epoch, [c.ramp_start, c.ramp_end], [c.min_res, res])
+    return int(np.round(ramp / c.res_step)) * c.res_step
+
+
 def make_train_step(model, optimizer, scaler, loss_fn, mix_fn, amp_dtype, device, crops):
     """One optimizer step on a batch of decoded regions; returns the loss as a device tensor (no host sync:
     the caller checks losses for NaN/Inf in one transfer at each checkpoint). `model` may be compiled in place
@@ -509,8 +528,8 @@ class TrainData:
     header: dict            # the label file's header; None with --kd=none
     table: np.ndarray       # (N, R, D) uint8 region records; None with --kd=none
     classes: list           # class names, in label order
-    res: int                # training resolution, px
-    loader: object          # this rank's batches (images_u8, labels, index); drop_last
+    res: int                # (final) training resolution, px
+    loader: object          # loader(res): this rank's batches (images_u8, labels, index) at res, drop_last
     test_loader: object     # this rank's disjoint shard of the test split
     fill_plan: object       # fill_plan(epoch) -> choice (N, crops) int64 tensor, or None with --kd=none
     kept_images: np.ndarray  # indices of the images trained on: one kept region at least, within --subset
@@ -539,6 +558,8 @@ def training_data(c, rank, world, device):
             raise UserError(f"--regions={c.regions}: {c.labels} holds {header['regions']} per image")
         table = table[:, :c.regions or None]  # a view: the first R' regions of every image
     res = c.res or (header or {}).get("res") or ds.res
+    if c.min_res > res:
+        raise UserError(f"--min_res={c.min_res} is above the training resolution {res} (--res)")
     heights, widths = image_sizes(train_path)
     plan, fill_plan, kept_images, category = region_plans(c, header, table, heights, widths)
     if c.subset:
@@ -546,12 +567,15 @@ def training_data(c, rank, world, device):
     if c.batch_size % world:
         raise UserError(f"--batch_size={c.batch_size} must divide among {world} processes")
     per_rank = c.batch_size // world
-    loader = region_loader(train_path, plan, res, per_rank, c.num_workers, order="random", seed=c.seed,
-                           indices=kept_images, drop_last=True, distributed=world > 1, device=device)
+
+    @functools.lru_cache  # one FFCV loader per resolution, all reading the one plan that fill_plan fills
+    def loader(res):
+        return region_loader(train_path, plan, res, per_rank, c.num_workers, order="random", seed=c.seed,
+                             indices=kept_images, drop_last=True, distributed=world > 1, device=device)
     test_loader, _ = eval_loader(c.data, c.eval_res or res, c.eval_ratio, 512, c.num_workers, rank, world,
                                  device)
     # under DDP each rank gets ceil(N / world) images (FFCV pads like DistributedSampler): count its batches
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(loader(res_at(c, 0, res)))
     if steps_per_epoch < 1:
         raise UserError(f"{len(kept_images)} training images give no full batch of "
                         f"--batch_size={c.batch_size}")
@@ -747,13 +771,18 @@ def train(**flags):
     # train: epochs of steps, a checkpoint every --ckpt_every steps and at each epoch's end
     rows = c.batch_size * c.crops
     metrics = history[-1] if history else {}
+    res = None
     for epoch in range(step // steps_per_epoch, c.epochs):
         choice = data.fill_plan(epoch)
         skip = step - epoch * steps_per_epoch
+        if res_at(c, epoch, data.res) != res:  # progressive resizing: a new size (compile: a new graph)
+            res = res_at(c, epoch, data.res)
+            print0(f"epoch {epoch + 1}: training at {res} px" + (" (torch.compile recompiles once for it)"
+                                                                 if compiled and epoch else ""))
         pending, t_epoch, t0 = [], 0.0, time.time()
         bar = tqdm(total=(steps_per_epoch - skip) * rows, unit="img", unit_scale=True, leave=False,
                    desc=f"epoch {epoch + 1}/{c.epochs}", disable=rank != 0 or not sys.stderr.isatty())
-        for images_u8, labels, index in epoch_batches(data.loader, epoch, skip):
+        for images_u8, labels, index in epoch_batches(data.loader(res), epoch, skip):
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, total_steps, warmup, peak_lr)
             pending.append(train_step(images_u8, labels, index, choice))

@@ -359,7 +359,7 @@ def test_training_at_another_resolution_replays_the_stored_boxes(built):
     assert data.res == 24 != header["res"]
     choice = data.fill_plan(0)
     h, w = beton.image_sizes(path)
-    images, _, index = next(iter(beton.epoch_batches(data.loader, 0)))
+    images, _, index = next(iter(beton.epoch_batches(data.loader(24), 0)))
     assert images.shape[1:] == (2, 24, 24, 3)
     for b, i in enumerate(index.tolist()):
         for j in range(2):
@@ -397,3 +397,15 @@ def test_evaluation_at_eval_res_is_the_centre_crop(tmp_path):
             want = cv2.resize(crop, (12, 12), interpolation=cv2.INTER_AREA)
             np.testing.assert_array_equal(got[i], want)
     assert len(got) == len(ds.labels) == 6
+
+
+def test_progressive_resizing_follows_ffcv_imagenets_ramp():
+    """--min_res: min_res until --ramp_start, then linear to --res at --ramp_end, in --res_step steps; and
+    ffcv-imagenet's ResNet-50 schedule (160 -> 192 px between epochs 65 and 76 of 88, steps of 32)."""
+    import ferkd
+    c = ferkd.TrainConfig(min_res=12, res=20, ramp_start=1, ramp_end=3, res_step=4, epochs=5)
+    assert [ferkd.res_at(c, e, 20) for e in range(5)] == [12, 12, 16, 20, 20]
+    c = ferkd.TrainConfig(min_res=160, res=192, ramp_start=65, ramp_end=76, epochs=88)
+    got = [ferkd.res_at(c, e, 192) for e in range(88)]
+    assert got == [160] * 71 + [192] * 17  # the ramp crosses 176 px, half way, between epochs 70 and 71
+    assert ferkd.res_at(ferkd.TrainConfig(res=64), 3, 64) == 64

@@ -47,14 +47,17 @@ def test_ffcv_random_order_is_a_function_of_seed_and_epoch():
     assert len(tail) == len(a) - 5 and all(torch.equal(x, y) for x, y in zip(a[5:], tail))
 
 
-@pytest.mark.parametrize("mode", ["fkd-selfmix", "online-kd"])
+@pytest.mark.parametrize("mode", ["fkd-selfmix", "online-kd", "fkd-ramp"])
 def test_resume_after_sigkill_is_bit_exact(built, tmp_path, mode):
-    """FKD with SelfMix (cutmix draws from the global and the mix RNG), and online KD (fresh crops each epoch,
-    the teacher scoring them), killed mid-epoch, then re-run with the same command: the final weights,
-    optimizer state and per-epoch metrics equal an uninterrupted run's."""
+    """FKD with SelfMix (cutmix draws from the global and the mix RNG), online KD (fresh crops each epoch,
+    the teacher scoring them), and FKD under progressive resizing (8 px in epochs 1-2, 16 px in epoch 3;
+    killed at 8 px), killed mid-epoch, then re-run with the same command: the final weights, optimizer state
+    and per-epoch metrics equal an uninterrupted run's."""
     ckpt, path = built
     flags = {"fkd-selfmix": [f"--labels={path}", "--kd=fkd", "--mix=cutmix", "--mix_prob=0.5"],
-             "online-kd": ["--kd=kd", f"--teacher={ckpt}", "--temperature=2"]}[mode]
+             "online-kd": ["--kd=kd", f"--teacher={ckpt}", "--temperature=2"],
+             "fkd-ramp": [f"--labels={path}", "--kd=fkd", "--min_res=8", "--ramp_start=1", "--ramp_end=2",
+                          "--res_step=4"]}[mode]
     args = ["ferkd.py", "train", "--data=digits", *flags, "--arch=small16", "--epochs=3", "--batch_size=64",
             "--crops=2", "--ckpt_every=5"]
     cli(*args, f"--run_dir={tmp_path / 'whole'}")
@@ -80,6 +83,8 @@ def test_resume_after_sigkill_is_bit_exact(built, tmp_path, mode):
     out = cli(*args, f"--run_dir={run}").stdout
     step = int(re.search(r"resuming .* at step (\d+)", out).group(1))
     assert step >= 25 and step % 22, step  # resumed inside an epoch
+    if mode == "fkd-ramp":  # the resolution of each epoch, said when it changes
+        assert "epoch 2: training at 8 px" in out and "epoch 3: training at 16 px" in out, out
     a = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
     b = torch.load(run / "final.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
