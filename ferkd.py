@@ -163,8 +163,8 @@ def check_config(c):
         raise UserError("--subset, --res, --eval_res and --ckpt_every must be >= 0")
     ramp_ok = 0 <= c.ramp_start < c.ramp_end <= c.epochs and c.res_step >= 1
     if c.min_res < 0 or (c.min_res and not ramp_ok):
-        raise UserError("progressive resizing (--min_res > 0) needs 0 <= --ramp_start < --ramp_end <= --epochs "
-                        "and --res_step >= 1")
+        raise UserError("progressive resizing (--min_res > 0) needs 0 <= --ramp_start < --ramp_end <= "
+                        "--epochs and --res_step >= 1")
     if not 0 < c.eval_ratio <= 1:
         raise UserError(f"--eval_ratio must be in (0, 1], got {c.eval_ratio}")
     if c.compile.lower() not in (*BOOL_WORDS, "auto"):
