@@ -935,16 +935,48 @@ def regions_crc32(path, nbytes):
 
 
 def read_regions(path, header):
-    """All region records of a label file as an (N, R, D) uint8 array, checked against the header's CRC:
-    the only per-region memory a reader holds is this table."""
-    R, D = header["regions"], header["region_bytes"]
-    slots = region_slots(path)
-    table = np.empty((len(slots), R * D), np.uint8)
-    crc = 0
-    for row, block in zip(table, region_blocks(path, R * D, slots)):
-        row[:] = block
-        crc = zlib.crc32(block, crc)
-    if crc != header["regions_crc32"] or len(slots) != header["images"]:
+    """All region records of a label file as a read-only (N, R, D) uint8 array, checked against the header's
+    CRC. FFCV stores each image's records beside its pixels, so the file's own records cannot be mapped as
+    one array: the first start on a machine writes them, in image order, to PATH.CRC.regions beside the file,
+    and every process then memory-maps that copy. The processes of a node share its pages in the page cache
+    (at ImageNet size 8 GB once per node, not once per rank), and one process per node verifies the checksum
+    while the others wait. Where the folder is read-only, each process reads its own copy instead."""
+    R, D, N = header["regions"], header["region_bytes"], header["images"]
+    cache = Path(f"{path}.{header['regions_crc32']:08x}.regions")
+
+    def make_or_verify():  # one process per node (torchrun's LOCAL_RANK 0)
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            return
+        if cache.is_file() and cache.stat().st_size == N * R * D:
+            crc, table = 0, np.memmap(cache, np.uint8, "r")
+            for s in range(0, len(table), 1 << 26):
+                crc = zlib.crc32(table[s:s + (1 << 26)], crc)
+            if crc != header["regions_crc32"]:
+                raise UserError(f"{cache} (a copy of {path}'s region records) fails its checksum; delete it "
+                                f"and the next start writes it again")
+        elif os.access(cache.parent, os.W_OK):
+            def write(tmp):
+                with open(tmp, "wb") as f:
+                    for block in checked_blocks(path, header):
+                        f.write(block)
+            atomic_write(cache, write)
+    on_all_ranks(make_or_verify)
+    if cache.is_file():
+        return np.memmap(cache, np.uint8, "r", shape=(N, R, D))
+    table = np.empty((N, R * D), np.uint8)  # a read-only folder: this process's own copy
+    for i, block in enumerate(checked_blocks(path, header)):
+        if i < N:
+            table[i] = block
+    return table.reshape(N, R, D)
+
+
+def checked_blocks(path, header):
+    """Each image's region records in image order (one reused buffer), then a UserError if they fail the
+    header's CRC or count."""
+    crc, n = 0, 0
+    for block in region_blocks(path, header["regions"] * header["region_bytes"]):
+        crc, n = zlib.crc32(block, crc), n + 1
+        yield block
+    if crc != header["regions_crc32"] or n != header["images"]:
         raise UserError(f"{path}: region records fail their checksum (corrupt file); "
                         f"re-run `python labels.py build`")
-    return table.reshape(-1, R, D)

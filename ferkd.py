@@ -32,6 +32,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,7 +242,9 @@ def kd_loss(c, table, header):
     k, temperature = header["k"], float(header["temperature"])
     # with --thresholds=rank the loss compares each region's place in its image where it would compare p_gt
     scores = torch.from_numpy(region_scores(table, k, True)) if c.thresholds == "rank" else None
-    table = torch.from_numpy(table)
+    with warnings.catch_warnings():  # a read-only memory map (beton.read_regions) that is never written to:
+        warnings.simplefilter("ignore", UserWarning)  # torch's warning about writes does not apply
+        table = torch.from_numpy(table)
 
     def loss(x, logits, labels, index, choice, partner, share):
         ids, probs, pgt = region_targets(table, k, index, choice, logits.device)

@@ -311,7 +311,7 @@ def inspect(path, **flags):
     header = read_header(path)
     print(json.dumps({k: v for k, v in header.items() if k != "classes"}, indent=1))
     table = read_regions(path, header)
-    ids, probs, pgt, flip = unpack_regions(torch.from_numpy(table[:rows]), header["k"])
+    ids, probs, pgt, flip = unpack_regions(torch.from_numpy(np.array(table[:rows])), header["k"])
     for i in range(min(rows, len(table))):
         for r in range(min(3, header["regions"])):
             print(f"image {i} region {r}: box {table[i, r, :4].tolist()} flip {int(flip[i, r])} "

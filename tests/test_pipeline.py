@@ -409,3 +409,45 @@ def test_progressive_resizing_follows_ffcv_imagenets_ramp():
     got = [ferkd.res_at(c, e, 192) for e in range(88)]
     assert got == [160] * 71 + [192] * 17  # the ramp crosses 176 px, half way, between epochs 70 and 71
     assert ferkd.res_at(ferkd.TrainConfig(res=64), 3, 64) == 64
+
+
+def test_region_table_is_one_mapped_copy_per_machine(built, tmp_path, monkeypatch):
+    """read_regions writes the records once, in image order, to LABELS.CRC.regions and maps it read-only (the
+    processes of a node share its page-cache pages): the same records as the file's own slots; a second start
+    maps the same file; a damaged copy is one error naming it; a file whose own records are damaged fails its
+    checksum before any copy exists; a read-only folder gets a private copy."""
+    import os
+    import shutil
+    import beton
+    from beton import UserError
+    _, path = built
+    labels = tmp_path / "labels.beton"
+    shutil.copy(path, labels)
+    header = beton.read_header(labels)
+    D = header["regions"] * header["region_bytes"]
+    want = np.stack([b.copy() for b in beton.region_blocks(labels, D)])  # the records in the file's own slots
+    table = beton.read_regions(labels, header)
+    cache = tmp_path / f"labels.beton.{header['regions_crc32']:08x}.regions"
+    assert isinstance(table, np.memmap) and not table.flags.writeable and cache.is_file()
+    assert np.array_equal(table.reshape(len(want), -1), want)
+    mtime = cache.stat().st_mtime_ns
+    assert np.array_equal(beton.read_regions(labels, header), table) and cache.stat().st_mtime_ns == mtime
+    with open(cache, "r+b") as f:  # a damaged copy
+        f.seek(100)
+        f.write(bytes([255 - f.read(1)[0]]))
+    with pytest.raises(UserError, match="fails its checksum; delete it"):
+        beton.read_regions(labels, header)
+    cache.unlink()
+    slot = int(beton.region_slots(labels)[3])  # a damaged label file
+    with open(labels, "r+b") as f:
+        f.seek(slot + 5)
+        f.write(bytes([255 - f.read(1)[0]]))
+    with pytest.raises(UserError, match="fail their checksum"):
+        beton.read_regions(labels, header)
+    assert not cache.exists()
+    shutil.copy(path, labels)
+    # a read-only folder (simulated: the tests run as root, who may write anywhere)
+    monkeypatch.setattr(os, "access", lambda p, mode: mode != os.W_OK and os.path.exists(p))
+    private = beton.read_regions(labels, header)
+    assert not isinstance(private, np.memmap) and not cache.exists()
+    assert np.array_equal(private.reshape(len(want), -1), want)
