@@ -18,8 +18,9 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock
 
-from beton import DATASETS, UserError, atomic_write
+from beton import DATASETS
 from kernels_triton import region_category
+from runtime import UserError, atomic_write
 
 # -----------------------------------------------------------------------------
 # Models

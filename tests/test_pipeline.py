@@ -284,6 +284,7 @@ def test_a_failing_loader_thread_is_an_error_not_a_hang(built, monkeypatch):
     """An exception in FFCV's pipeline thread (here simulated; on a GPU, e.g. CUDA out of memory in ToDevice)
     reaches the consumer as one error instead of leaving it waiting for a batch that never comes."""
     import beton
+    import runtime
     _, path = built
     h, w = beton.image_sizes(path)
     plan = np.concatenate([beton.box_pixels(beton.full_boxes(len(h)), h, w), np.zeros((len(h), 1), np.int32)],
@@ -293,7 +294,7 @@ def test_a_failing_loader_thread_is_an_error_not_a_hang(built, monkeypatch):
     def broken(self, b_ix, *args):
         raise RuntimeError("simulated failure in the pipeline")
     monkeypatch.setattr(beton._Epoch, "run_pipeline", broken)
-    with pytest.raises(beton.UserError, match="simulated failure"):
+    with pytest.raises(runtime.UserError, match="simulated failure"):
         for _ in beton.epoch_batches(loader, 0):
             pass
 
