@@ -3,7 +3,7 @@ Studies that choose and test ferkd's defaults on Fashion-MNIST, each resumable (
 from its results file, one JSON row per run, and a run stopped part-way, teacher or student, resumes from its
 last checkpoint, so a study can be stopped and re-run across sessions):
 
-    python ablation.py run                  # the 4-epoch ablation behind the README's current Results
+    python ablation.py run                  # the earlier 4-epoch ablation (results/README.md)
     python ablation.py table
     python ablation.py run --study=regime   # issue 16: a regime nearer the papers' (hours of CPU; run alone)
     python ablation.py table --study=regime
@@ -11,7 +11,7 @@ last checkpoint, so a study can be stopped and re-run across sessions):
     python ablation.py run --study=regime --settings='["CE ls=0","online KD","FKD log code"]'  # issue 24 arms
     python ablation.py table --study=regime --base="online KD"
 
-"small" (README's current table): a small32 teacher trained with CE and label smoothing for 4 epochs on all
+"small" (results/README.md): a small32 teacher trained with CE and label smoothing for 4 epochs on all
 60,000 training images (88.5% test top-1; the demo's teacher); its labels with 4 regions per image, top-5;
 students small16 on the first 10,000 images (a low-data student, where distillation has room to help), 2 crops
 per image, 4 epochs, 3 seeds.

@@ -212,13 +212,13 @@ def bench_step(arch="small32", batch=256, res=32, steps=20, device="cpu", classe
 def bench_build(arch="small64", regions=16, batch=255, res=16):
     """`labels.py build` on digits (1,437 images x (R + 1) crops at `res` px) against the teacher's pure
     forward at the same batch, resolution and memory format; and where the build's CPU time goes (user and
-    kernel seconds, minor page faults): as it runs (`beton.keep_freed_memory` at start-up), and with the
+    kernel seconds, minor page faults): as it runs (`runtime.keep_freed_memory` at start-up), and with the
     same malloc settings given by environment variables, as a check that the built-in ones take."""
     import resource
     import subprocess
     import sys
-    import beton
     import models
+    import runtime
     d = scratch_dir()
     chunk = batch // (regions + 1) * 9  # whole teacher batches: 9 per chunk, 10 chunks
     here = Path(__file__).resolve().parent
@@ -227,7 +227,7 @@ def bench_build(arch="small64", regions=16, batch=255, res=16):
     run("ferkd.py", "train", "--data=digits", "--kd=none", f"--arch={arch}", "--epochs=1",
         f"--run_dir={d / 't'}")
     torch.set_num_threads(os.cpu_count())
-    beton.keep_freed_memory()  # as labels.py build does at start-up
+    runtime.keep_freed_memory()  # as labels.py build does at start-up
     model = models.build_model(arch, 10).eval().to(memory_format=torch.channels_last)  # untrained: same speed
     x = torch.rand(batch, 3, res, res).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -322,7 +322,8 @@ def scale_write(path, images, regions, k=5, classes=1000, seed=0):
         g = np.random.default_rng([seed, i, 1])
         ids = (g.integers(0, classes, (R, 1)) + np.arange(k)) % classes  # distinct top-k classes
         probs = g.dirichlet(np.ones(k + 1), R)[:, :k]
-        os.pwrite(fd, beton.pack_regions(qboxes[i], flips[i], ids, probs, g.random(R), classes).tobytes(), slots[i])
+        rec = beton.pack_regions(qboxes[i], flips[i], ids, probs, g.random(R), classes)
+        os.pwrite(fd, rec.tobytes(), slots[i])
     os.fsync(fd)
     os.close(fd)
     t2 = time.time()

@@ -43,14 +43,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from beton import (MEAN, STD, UserError, atomic_write, center_boxes, dataset_beton, epoch_batches, grid_boxes,
-                   image_sizes, load_dataset, parse_config, print0, random_boxes, read_header, read_regions,
-                   region_loader, region_plan, run_cli, setup_distributed, to_model_input, unpack_regions,
-                   whole_image_plan)
+from beton import (MEAN, STD, center_boxes, dataset_beton, epoch_batches, grid_boxes, image_sizes,
+                   load_dataset, random_boxes, read_header, read_regions, region_loader, region_plan,
+                   to_model_input, unpack_regions, whole_image_plan)
 from kernels_triton import ferkd_loss, region_category
 from models import (ARCHS, CHUNK_IMAGES, FERKD_DEFAULTS, build_model, check_teacher, check_thresholds,
                     checkpoint_res, load_checkpoint, load_teacher, region_categories, region_scores,
                     save_checkpoint, threshold_defaults)
+from runtime import UserError, atomic_write, parse_config, print0, run_cli, setup_distributed
 
 # -----------------------------------------------------------------------------
 # Config

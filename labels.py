@@ -40,14 +40,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from beton import (MEAN, SCHEMA_VERSION, STD, UserError, alloc_table_ptr, atomic_write, attach_header,
-                   barrier, box_pixels, epoch_batches, grid_boxes, image_sizes, load_dataset, on_all_ranks,
-                   on_rank0, pack_regions, parse_config, print0, read_header, read_regions, region_bytes,
-                   region_loader, region_plan, region_slots, regions_crc32, run_cli, seeded_regions,
-                   set_alloc_table, setup_distributed, to_model_input, unpack_regions, whole_image_plan,
-                   write_beton, QUANTIZATION)
+from beton import (MEAN, QUANTIZATION, SCHEMA_VERSION, STD, alloc_table_ptr, attach_header, box_pixels,
+                   epoch_batches, grid_boxes, image_sizes, load_dataset, pack_regions, read_header,
+                   read_regions, region_bytes, region_loader, region_plan, region_slots, regions_crc32,
+                   seeded_regions, set_alloc_table, to_model_input, unpack_regions, whole_image_plan,
+                   write_beton)
 from models import (CHUNK_IMAGES, FERKD_DEFAULTS, check_teacher, check_thresholds, load_teacher,
                     region_categories, threshold_defaults)
+from runtime import (UserError, atomic_write, barrier, on_all_ranks, on_rank0, parse_config, print0, run_cli,
+                     setup_distributed)
+
 
 # -----------------------------------------------------------------------------
 # `labels.py build`: chunk by chunk, so it can be killed and resumed, and sharded with torchrun

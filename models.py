@@ -20,8 +20,9 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock
 
-from beton import DATASETS, MEAN, STD, UserError, atomic_write
+from beton import DATASETS, MEAN, STD
 from kernels_triton import region_category
+from runtime import UserError, atomic_write
 
 # -----------------------------------------------------------------------------
 # Models
@@ -204,7 +205,7 @@ def check_teacher(model, spec, res, num_classes):
 # FerKD's region categories: what `ferkd.py train` replays and `labels.py show` draws
 
 # --kd=ferkd's defaults: the FerKD arm with the best mean 30-epoch top-1 over 3 seeds in ablation.py's
-# "regime" study (README, Results; results/study.jsonl): per-image rank thresholds, no SelfMix, eps 0.1 (the
+# "regime" study (results/README.md; results/study.jsonl): per-image rank thresholds, no SelfMix, eps 0.1 (the
 # flag's own default). Each image's lowest and highest 5% of regions by p_gt are dropped, the next 20% above
 # the lowest are hard. 89.18 +- 0.46 top-1, against FerKD's other arms at 88.91-89.08 (absolute thresholds
 # 0.02 / 0.2 / 0.995: 89.08 +- 0.21), so the choice among them is within noise, but FKD beat every FerKD arm

@@ -26,7 +26,7 @@ WARM = r"""
 import gc, json, os, runpy, sys
 sys.path.insert(0, sys.argv[1])
 import fire, numpy, sklearn.datasets, timm, torch, torch.utils.tensorboard, torchvision, tqdm
-import beton, kernels_triton, models  # beton imports FFCV (keeping torch's thread count, as in any run)
+import beton, kernels_triton, models, runtime  # beton imports FFCV (keeping torch's threads, as in any run)
 sys.path.pop(0)
 gc.freeze()  # the children's collector leaves these objects alone: no copy-on-write of the whole heap at exit
 while True:  # a request per line, [cwd, argv, stdout path, stderr path]; answers the child's pid, then status

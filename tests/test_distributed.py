@@ -61,8 +61,9 @@ import torch.distributed as dist
 import beton
 import ferkd
 import models
+import runtime
 
-rank, world, device = ferkd.setup_distributed("cpu")
+rank, world, device = runtime.setup_distributed("cpu")
 label_file = sys.argv[1]
 
 # FFCV's distributed RANDOM order: each rank a disjoint share of the images (up to DistributedSampler's

@@ -10,6 +10,7 @@ import torch
 import ferkd
 import models
 import beton
+import runtime
 from kernels_triton import region_category
 from conftest import cli
 
@@ -124,11 +125,11 @@ def test_threshold_defaults_follow_the_mode():
     ferkd.check_config(dataclasses.replace(c, labels="x"))
     # the other mode has no defaults of its own: FerKD's values compare another quantity there
     other = {"p_gt": "rank", "rank": "p_gt"}[d["thresholds"]]
-    with pytest.raises(beton.UserError, match="needs --t_low, --t_mid and --t_top"):
+    with pytest.raises(runtime.UserError, match="needs --t_low, --t_mid and --t_top"):
         ferkd.check_config(ferkd.TrainConfig(kd="ferkd", labels="x", thresholds=other, t_low=0.1))
     ferkd.check_config(ferkd.TrainConfig(kd="ferkd", labels="x", thresholds=other, t_low=0.1, t_mid=0.2,
                                          t_top=0.9))
-    with pytest.raises(beton.UserError, match="act only with --kd=ferkd"):
+    with pytest.raises(runtime.UserError, match="act only with --kd=ferkd"):
         ferkd.check_config(ferkd.TrainConfig(kd="fkd", labels="x", t_top=0.9))
 
 

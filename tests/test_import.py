@@ -170,7 +170,7 @@ def test_label_files_are_loaded_safely_and_checked(imported, tmp_path):
     (code is never run), a truncated one, another k, too few regions, coords outside [0, 1], ids outside the
     classes, another structure."""
     import labels
-    from beton import UserError
+    from runtime import UserError
     image, (coords, flip, out) = next(iter(imported["written"].items()))
     k, R = imported["k"], 4
     marker = tmp_path / "ran"
@@ -232,6 +232,7 @@ def test_missing_files_and_class_mismatch_are_refused(imported, tmp_path):
 
     import beton
     import labels
+    import runtime
     if imported["fp16"]:
         pytest.skip("one variant is enough")
     fkd = tmp_path / "fkd"
@@ -239,11 +240,11 @@ def test_missing_files_and_class_mismatch_are_refused(imported, tmp_path):
     out = tmp_path / "l.beton"
     flags = dict(fkd=str(fkd), data=f"imagefolder:{imported['images']}", out=str(out), res=32)
     (fkd / "train" / "extra").mkdir()
-    with pytest.raises(beton.UserError, match="13 class folders, the images 12.*extra"):
+    with pytest.raises(runtime.UserError, match="13 class folders, the images 12.*extra"):
         labels.import_fkd(**flags)
     (fkd / "train" / "extra").rmdir()
     (fkd / "train" / "c03" / "n3_1.tar").unlink()
-    with pytest.raises(beton.UserError) as e:
+    with pytest.raises(runtime.UserError) as e:
         labels.import_fkd(**flags)
     assert str(fkd / "train" / "c03" / "n3_1.tar") in str(e.value) and "--skip_missing" in str(e.value)
     assert not list(tmp_path.glob("l.beton*"))

@@ -301,6 +301,7 @@ def test_a_failing_loader_thread_is_an_error_not_a_hang(built, monkeypatch):
     """An exception in FFCV's pipeline thread (here simulated; on a GPU, e.g. CUDA out of memory in ToDevice)
     reaches the consumer as one error instead of leaving it waiting for a batch that never comes."""
     import beton
+    import runtime
     _, path = built
     h, w = beton.image_sizes(path)
     plan = np.concatenate([beton.box_pixels(beton.full_boxes(len(h)), h, w), np.zeros((len(h), 1), np.int32)],
@@ -310,7 +311,7 @@ def test_a_failing_loader_thread_is_an_error_not_a_hang(built, monkeypatch):
     def broken(self, b_ix, *args):
         raise RuntimeError("simulated failure in the pipeline")
     monkeypatch.setattr(beton._Epoch, "run_pipeline", broken)
-    with pytest.raises(beton.UserError, match="simulated failure"):
+    with pytest.raises(runtime.UserError, match="simulated failure"):
         for _ in beton.epoch_batches(loader, 0):
             pass
 
@@ -419,7 +420,7 @@ def test_region_table_is_one_mapped_copy_per_machine(built, tmp_path, monkeypatc
     import os
     import shutil
     import beton
-    from beton import UserError
+    from runtime import UserError
     _, path = built
     labels = tmp_path / "labels.beton"
     shutil.copy(path, labels)

@@ -116,7 +116,7 @@ def test_overflowed_batchnorm_statistics_stop_the_run():
     """A huge activation can overflow BatchNorm's running variance while the loss (normalized by the batch's
     own statistics) and every parameter stay finite: the run must stop before saving such a model."""
     import ferkd
-    from beton import UserError
+    from runtime import UserError
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
     assert ferkd.finite_losses([torch.tensor(1.0)], 5, model, "ckpt-4.pt") == [1.0]
     model[1].running_var[1] = float("inf")
@@ -126,7 +126,7 @@ def test_overflowed_batchnorm_statistics_stop_the_run():
 
 def test_checkpoint_of_another_architecture_is_refused(built, tmp_path):
     import models
-    from beton import UserError
+    from runtime import UserError
     teacher, _ = built
     with pytest.raises(UserError, match="holds a small32 model, not --arch=small16"):
         models.load_checkpoint(teacher, arch="small16")
