@@ -47,8 +47,8 @@ from beton import (MEAN, SCHEMA_VERSION, STD, UserError, alloc_table_ptr, atomic
                    region_loader, region_plan, region_slots, regions_crc32, run_cli, seeded_regions,
                    set_alloc_table, setup_distributed, to_model_input, unpack_regions, whole_image_plan,
                    write_beton)
-from models import (CHUNK_IMAGES, FERKD_DEFAULTS, check_thresholds, load_checkpoint, region_categories,
-                    threshold_defaults)
+from models import (CHUNK_IMAGES, FERKD_DEFAULTS, autocast_dtype, check_thresholds, load_checkpoint,
+                    region_categories, threshold_defaults)
 
 # -----------------------------------------------------------------------------
 # Teachers
@@ -235,8 +235,10 @@ def restore_alloc_table(partial, state):
 
 @torch.no_grad()
 def teacher_probs(model, x, device, temperature):
-    # bf16 only on GPUs; fp32 on CPU keeps CPU builds exact, so tests can compare files byte for byte
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    # autocast only on GPUs, by the trainer's --amp=auto rule (bf16 where native, else fp16: a forward needs
+    # no GradScaler); fp32 on every CPU keeps CPU builds exact, so tests can compare files byte for byte
+    amp_dtype = autocast_dtype(device)[0] if device.type == "cuda" else None
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = model(x.to(device))
     return F.softmax(logits.float() / temperature, dim=1)
 
