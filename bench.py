@@ -8,7 +8,8 @@ Benchmarks, each a ratio measured side by side in one run on the same machine (R
 1. labels: bytes per region of our label file vs FKD's format (one torch-saved file per image, fp32 / fp16).
 2. loader: region replay, images/s: our FFCV loader vs the torchvision way (ImageFolder-style PNG files and
    one torch-saved label file per image read per sample, crop + flip + resize, DataLoader workers).
-3. step: train-step images/s, torch.compile + bf16 autocast + channels-last vs eager fp32, same model, batch.
+3. step: train-step images/s, eager fp32 vs channels-last fp32 and bf16 autocast vs torch.compile + bf16 +
+   channels-last, same model, batch (`--compile=false` skips the compile).
 4. loss: `ferkd_loss` on CPU vs FKD's dense target, and on CUDA the Triton kernel (kernels_triton.py's own).
 5. scale: an ImageNet-shaped label file written as `labels.py build` writes it (a seeded generator in the
    teacher's place), then the trainer's start-up, steps and loader on it: seconds and peak resident memory.
@@ -146,9 +147,11 @@ def bench_loader(images=4000, workers=2, batch=256, regions=4, res=32, epochs=3)
           f"{theirs:,.0f} |\n| ratio | {ours / theirs:.1f}x |")
 
 
-def bench_step(arch="small32", batch=256, res=32, steps=20, device="cpu", classes=10):
-    """Train-step images/s: compiled + bf16 + channels-last vs eager fp32 (same model, batch, optimizer), with
-    the FKD loss on synthetic top-5 labels (on CUDA: the Triton kernel). torchvision's resnet* need no FFCV:
+def bench_step(arch="small32", batch=256, res=32, steps=20, device="cpu", classes=10, compile=True):
+    """Train-step images/s: eager fp32, then channels-last in fp32 and in bf16 autocast (the precision
+    question of `--amp=auto`: is bf16 native here?), then compiled + bf16 + channels-last (with --compile),
+    same model, batch, optimizer, with the FKD loss on synthetic top-5 labels (on CUDA: the Triton kernel).
+    torchvision's resnet* need no FFCV:
     `python bench.py step --device=cuda --arch=resnet50 --res=224 --batch=256 --classes=1000`."""
     import torchvision
     from kernels_triton import ferkd_loss
@@ -166,8 +169,10 @@ def bench_step(arch="small32", batch=256, res=32, steps=20, device="cpu", classe
               torch.ones(batch, 1, device=device))                                  # p_gt, target, mix
     fkd = dict(t_low=0.0, t_mid=0.0, t_top=1.0, eps=0.0)
     out = {}
-    for name, compiled, amp, cl in (("eager fp32", False, False, False),
-                                    ("compiled bf16 channels-last", True, True, True)):
+    compile = str(compile).lower() in ("true", "1", "yes")  # fire passes --compile=false as the word 'false'
+    variants = [("eager fp32", False, False, False), ("eager fp32 channels-last", False, False, True),
+                ("eager bf16 channels-last", False, True, True)]
+    for name, compiled, amp, cl in variants + [("compiled bf16 channels-last", True, True, True)] * compile:
         torch.manual_seed(0)
         if arch.startswith("resnet"):
             model = getattr(torchvision.models, arch)(num_classes=classes)
@@ -200,13 +205,15 @@ def bench_step(arch="small32", batch=256, res=32, steps=20, device="cpu", classe
         out[name] = (batch * steps / (time.time() - t0), warm)
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({threads} threads)"
+    if device.type == "cpu":
+        import models
+        where += f", native bf16: {'yes' if models.cpu_has_native_bf16() else 'no'}"
     print(f"\n3. train step (FKD loss), {arch} at {res} px, batch {batch}, {classes} classes, {where}, "
           f"torch {torch.__version__}")
-    print("| step | images/s | warm-up s |\n|---|---|---|")
+    print("| step | images/s | vs eager fp32 | warm-up s |\n|---|---|---|---|")
+    base = out["eager fp32"][0]
     for name, (r, w) in out.items():
-        print(f"| {name} | {r:,.0f} | {w:.1f} |")
-    a, b = out.values()
-    print(f"| ratio | {b[0] / a[0]:.2f}x | |")
+        print(f"| {name} | {r:,.0f} | {r / base:.2f}x | {w:.1f} |")
 
 
 def bench_build(arch="small64", regions=16, batch=255, res=16):

@@ -47,9 +47,9 @@ from beton import (MEAN, STD, center_boxes, dataset_beton, epoch_batches, grid_b
                    load_dataset, random_boxes, read_header, read_regions, region_loader, region_plan,
                    to_model_input, unpack_regions, whole_image_plan)
 from kernels_triton import ferkd_loss, region_category
-from models import (ARCHS, CHUNK_IMAGES, FERKD_DEFAULTS, build_model, check_teacher, check_thresholds,
-                    checkpoint_res, load_checkpoint, load_teacher, region_categories, region_scores,
-                    save_checkpoint, threshold_defaults)
+from models import (ARCHS, CHUNK_IMAGES, FERKD_DEFAULTS, PRECISION_NAMES, autocast_dtype, build_model,
+                    check_teacher, check_thresholds, checkpoint_res, load_checkpoint, load_teacher,
+                    region_categories, region_scores, save_checkpoint, threshold_defaults)
 from runtime import UserError, atomic_write, parse_config, print0, run_cli, setup_distributed
 
 # -----------------------------------------------------------------------------
@@ -99,7 +99,8 @@ class TrainConfig:
     run_dir: str = "runs/default"
     num_workers: int = 2          # FFCV decoding threads per process
     device: str = "auto"          # auto | cpu | cuda
-    amp: bool = True              # bf16 autocast (fp16 + GradScaler where bf16 is unsupported)
+    amp: str = "auto"             # auto | true | false: autocast precision (models.autocast_dtype): auto =
+                                  # bf16 on native-bf16 hardware, fp16 + GradScaler on older GPUs, else fp32
     compile: str = "auto"         # true | false | auto: torch.compile the model in place; auto = on CUDA only
     ckpt_every: int = 1000        # steps between checkpoints (and one at each epoch's end); 0: epochs only
     keep_ckpts: int = 2           # how many of the newest ckpt-STEP.pt files to keep
@@ -121,8 +122,9 @@ NEUTRAL = dict(thresholds="p_gt", t_low=0.0, t_mid=0.0, t_top=1.0)  # every regi
 
 
 # Flags that may change between a run and its resumption: they do not change what is computed
-# (device: a run may move machines, at the price of bit-exactness)
-RESUME_HARMLESS = {"run_dir", "num_workers", "device", "compile", "ckpt_every", "keep_ckpts", "resume",
+# (device: a run may move machines, at the price of bit-exactness; amp with it, since auto's precision
+# follows the device)
+RESUME_HARMLESS = {"run_dir", "num_workers", "device", "amp", "compile", "ckpt_every", "keep_ckpts", "resume",
                    "overwrite", "tensorboard"}
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -170,6 +172,12 @@ def check_config(c):
         raise UserError(f"--eval_ratio must be in (0, 1], got {c.eval_ratio}")
     if c.compile.lower() not in (*BOOL_WORDS, "auto"):
         raise UserError(f"--compile takes true or false (or auto: on CUDA only), got {c.compile!r}")
+    check_amp(c.amp)
+
+
+def check_amp(amp):
+    if amp.lower() not in (*BOOL_WORDS, "auto"):
+        raise UserError(f"--amp takes auto, true or false, got {amp!r}")
 
 
 def use_compile(c, device):
@@ -644,12 +652,6 @@ def open_run(c, run_dir, header, steps_per_epoch, rank):
     return state
 
 
-def amp_dtype_for(device, amp):
-    """bf16 autocast where supported (CPUs, Ampere+ GPUs), else fp16 with a GradScaler."""
-    bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
-    return (torch.bfloat16 if bf16 else torch.float16) if amp else None
-
-
 def make_model(c, num_classes, device, world, amp_dtype, peak_lr, state):
     """The student, its optimizer and gradient scaler, with their checkpointed state when resuming; then
     compiled in place (when asked) and wrapped in DDP (several processes). Returns (model, ddp, optimizer,
@@ -661,7 +663,8 @@ def make_model(c, num_classes, device, world, amp_dtype, peak_lr, state):
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and scaler.is_enabled():  # a disabled scaler saves {}: a run moved onto fp16
+            scaler.load_state_dict(state["scaler"])    # starts a fresh scale
     compiled = use_compile(c, device)
     if compiled:  # in place: state_dict keys keep their names (no `_orig_mod.`); DDP then wraps the compiled
         model.compile()  # module, never the reverse (compiling a DDP wrapper compiled nothing, NOTES.md)
@@ -714,7 +717,7 @@ def train(**flags):
     data = training_data(c, rank, world, device)
     steps_per_epoch, total_steps = data.steps_per_epoch, data.steps_per_epoch * c.epochs
     state = open_run(c, run_dir, data.header, steps_per_epoch, rank)
-    amp_dtype, peak_lr = amp_dtype_for(device, c.amp), c.lr * c.batch_size * c.crops / 256
+    (amp_dtype, precision), peak_lr = autocast_dtype(device, c.amp), c.lr * c.batch_size * c.crops / 256
     model, ddp, optimizer, scaler, compiled = make_model(c, len(data.classes), device, world, amp_dtype,
                                                          peak_lr, state)
     # SelfMix's stream is seeded by a hash of (seed, rank): c.seed + 1000 * rank made seed s on rank 1 the
@@ -743,10 +746,12 @@ def train(**flags):
     config = dict(dataclasses.asdict(c), world_size=world, per_rank_batch=data.per_rank_batch,
                   rows_per_step=c.batch_size * c.crops, steps_per_epoch=steps_per_epoch,
                   total_steps=total_steps, peak_lr=peak_lr, train_res=data.res, device=str(device),
-                  compiled=compiled, train_images=len(data.kept_images), num_classes=len(data.classes),
-                  resumed_at_step=step, region_shares=shares, teacher_id=teacher_id,
+                  precision=PRECISION_NAMES[amp_dtype], compiled=compiled, train_images=len(data.kept_images),
+                  num_classes=len(data.classes), resumed_at_step=step, region_shares=shares,
+                  teacher_id=teacher_id,
                   **run_metadata(device), label_header=data.header)
     print0(json.dumps({k: v for k, v in config.items() if k != "label_header"}))
+    print0(f"precision: {precision}")
     if state is not None:
         print0(f"resuming {run_dir} at step {step} of {total_steps} (epoch {step // steps_per_epoch + 1}, "
                f"batch {step % steps_per_epoch})")
@@ -843,7 +848,7 @@ class EvalConfig:
     batch_size: int = 512   # images per forward, all processes together
     num_workers: int = 2    # FFCV decoding threads per process
     device: str = "auto"    # auto | cpu | cuda
-    amp: bool = True        # bf16 autocast, as in training
+    amp: str = "auto"       # auto | true | false, as in training (models.autocast_dtype)
 
 
 def evaluate_checkpoint(**flags):
@@ -853,6 +858,7 @@ def evaluate_checkpoint(**flags):
         raise UserError("--ckpt=FILE.pt is required")
     if c.batch_size < 1 or c.num_workers < 1 or c.res < 0 or not 0 < c.ratio <= 1:
         raise UserError("--batch_size and --num_workers must be >= 1, --res >= 0, --ratio in (0, 1]")
+    check_amp(c.amp)
     rank, world, device = setup_distributed(c.device)
     model, ckpt = load_checkpoint(c.ckpt)
     data, res = c.data or ckpt["config"]["data"], c.res or checkpoint_res(ckpt)
@@ -863,7 +869,7 @@ def evaluate_checkpoint(**flags):
                         f"({', '.join(ckpt['classes'][:4])}, ...), --data={data} has {len(ds.classes)} "
                         f"({', '.join(ds.classes[:4])}, ...)")
     model.to(device, memory_format=torch.channels_last)
-    metrics, per_class = evaluate(model, loader, device, amp_dtype_for(device, c.amp), len(ds.classes))
+    metrics, per_class = evaluate(model, loader, device, autocast_dtype(device, c.amp)[0], len(ds.classes))
     acc = (100 * per_class[:, 0] / per_class[:, 2].clamp(min=1)).tolist()
     print0(json.dumps(dict(ckpt=str(c.ckpt), data=data, res=res, **metrics,
                            per_class_top1={name: round(a, 2) for name, a in zip(ds.classes, acc)})))

@@ -45,8 +45,8 @@ from beton import (MEAN, QUANTIZATION, SCHEMA_VERSION, STD, alloc_table_ptr, att
                    read_regions, region_bytes, region_loader, region_plan, region_slots, regions_crc32,
                    seeded_regions, set_alloc_table, to_model_input, unpack_regions, whole_image_plan,
                    write_beton)
-from models import (CHUNK_IMAGES, FERKD_DEFAULTS, check_teacher, check_thresholds, load_teacher,
-                    region_categories, threshold_defaults)
+from models import (CHUNK_IMAGES, FERKD_DEFAULTS, autocast_dtype, check_teacher, check_thresholds,
+                    load_teacher, region_categories, threshold_defaults)
 from runtime import (UserError, atomic_write, barrier, on_all_ranks, on_rank0, parse_config, print0, run_cli,
                      setup_distributed)
 
@@ -127,8 +127,10 @@ def restore_alloc_table(partial, state):
 
 @torch.no_grad()
 def teacher_probs(model, x, device, temperature):
-    # bf16 only on GPUs; fp32 on CPU keeps CPU builds exact, so tests can compare files byte for byte
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    # autocast only on GPUs, by the trainer's --amp=auto rule (bf16 where native, else fp16: a forward needs
+    # no GradScaler); fp32 on every CPU keeps CPU builds exact, so tests can compare files byte for byte
+    amp_dtype = autocast_dtype(device)[0] if device.type == "cuda" else None
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = model(x.to(device))
     return F.softmax(logits.float() / temperature, dim=1)
 

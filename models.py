@@ -9,6 +9,7 @@ can name an architecture but never code to run.
 
 Also here, for the same reason: FerKD's region categories under thresholds (their defaults, their check, and
 the pass over a label file's table), which `ferkd.py train` replays and `labels.py show` draws.
+And the precision rule (`autocast_dtype`) every command that autocasts follows.
 """
 import hashlib
 import io
@@ -200,6 +201,46 @@ def check_teacher(model, spec, res, num_classes):
         raise UserError(f"teacher {spec} cannot take {res}x{res} crops ({first}); choose --res") from None
     if n_out != num_classes:
         raise UserError(f"teacher {spec} predicts {n_out} classes, the dataset has {num_classes}")
+
+
+# -----------------------------------------------------------------------------
+# Precision: the one rule for every command that autocasts (`ferkd.py train` and `eval`, `labels.py build`)
+
+CPUINFO = "/proc/cpuinfo"  # where the CPU's flags are read (a module constant, so tests can fake a CPU)
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU computes bf16 in hardware (the avx512_bf16 or amx_bf16 flag). Without either, bf16
+    autocast is emulated: 2-3x slower than fp32 on an AVX-512 Xeon (small16 216 vs 401 img/s, small64 19 vs
+    60; NOTES.md, December 2026), while on a Zen 5 with avx512_bf16 it is 1.15-2x faster (issue 25)."""
+    try:
+        text = Path(CPUINFO).read_text()
+    except OSError:  # not Linux: no way to tell, so no emulated bf16 by default
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(device, amp="auto"):
+    """(autocast dtype or None for fp32, its name and why) for --amp on `device`. auto: bf16 where the hardware
+    does it natively (CUDA compute capability >= 8; CPUs with avx512_bf16 or amx_bf16), fp16 (with a
+    GradScaler in training) on older GPUs, fp32 on other CPUs. true: autocast even where bf16 is emulated
+    (CPU), false: fp32. `is_bf16_supported()` alone counts emulated bf16 as supported, which would put a V100 or
+    T4 on slow emulated bf16 instead of fp16."""
+    amp = str(amp).lower()
+    if amp in ("false", "0", "no"):
+        return None, "fp32 (--amp=false)"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16, "bf16 autocast (the GPU has native bf16)"
+        return torch.float16, "fp16 autocast + GradScaler (the GPU has no native bf16)"
+    if amp == "auto" and not cpu_has_native_bf16():
+        return None, "fp32 (--amp=auto: this CPU has no avx512_bf16/amx_bf16, so bf16 would be emulated)"
+    why = "the CPU has native bf16" if cpu_has_native_bf16() else "--amp=true: emulated bf16 on this CPU"
+    return torch.bfloat16, f"bf16 autocast ({why})"
+
+
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # -----------------------------------------------------------------------------
 # FerKD's region categories: what `ferkd.py train` replays and `labels.py show` draws
