@@ -374,16 +374,10 @@ def test_training_at_another_resolution_replays_the_stored_boxes(built):
 def test_evaluation_at_eval_res_is_the_centre_crop(tmp_path):
     """Image folders evaluate on the centre square of side ratio x the shorter side, resized to --eval_res:
     pixel-exact against OpenCV's crop and INTER_AREA resize of the stored image."""
-    from PIL import Image
     import beton
     import ferkd
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for name in ("cat", "dog"):
-            (tmp_path / split / name).mkdir(parents=True)
-            for i in range(3):
-                pixels = rng.integers(0, 256, (32, 32, 3), np.uint8)
-                Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.png")
+    from test_train_extras import image_folder
+    image_folder(tmp_path, shape=(32, 32))
     data = f"imagefolder:{tmp_path}"
     loader, ds = ferkd.eval_loader(data, 12, 0.75, 64, 1, 0, 1, torch.device("cpu"))
     got = {int(i): img[0].numpy() for x, _, index in beton.epoch_batches(loader, 0)

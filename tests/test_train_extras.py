@@ -203,15 +203,16 @@ def test_plot_writes_a_png(tmp_path):
     assert "not found" in one_error_line(cli("ferkd.py", "plot", tmp_path / "nope", check=False))
 
 
-def image_folder(root, corrupt=None):
-    """A 2-class ImageFolder (train/ and val/, 3 PNGs per class each); `corrupt` names a file to garble."""
+def image_folder(root, corrupt=None, shape=(24, 20)):
+    """A 2-class ImageFolder (train/ and val/, 3 PNGs per class each, H x W = shape); `corrupt` names a file
+    to garble."""
     from PIL import Image
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for name in ("cat", "dog"):
             (root / split / name).mkdir(parents=True)
             for i in range(3):
-                pixels = rng.integers(0, 256, (24, 20, 3), np.uint8)
+                pixels = rng.integers(0, 256, (*shape, 3), np.uint8)
                 Image.fromarray(pixels).save(root / split / name / f"{i}.png")
     if corrupt:
         (root / corrupt).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(50))  # a PNG signature, then garbage
