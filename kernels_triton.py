@@ -93,7 +93,7 @@ def ferkd_loss_torch(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t
 @triton.jit
 def _ferkd_loss_kernel(
     logits_ptr,   # (B, C) student logits (fp32/bf16/fp16), rows `stride_row` apart, columns contiguous
-    grad_ptr,     # (B, C) out: d loss / d logits, contiguous, logits dtype
+    grad_ptr,     # (B, C) out: d loss / d logits, contiguous, logits dtype (fp32 for fp16 logits: grad_dtype)
     loss_ptr,     # (B,) out, fp32: T^2 CE_b / N, summed by the launcher (deterministic: no atomics)
     idx_ptr,      # (B, M, K) teacher top-k class ids (any int dtype), contiguous
     prob_ptr,     # (B, M, K) teacher top-k probabilities, contiguous
@@ -112,7 +112,9 @@ def _ferkd_loss_kernel(
     r = tl.arange(0, M_P)[:, None]                                # (M_P, 1) region
     k = tl.arange(0, K_P)[None, :]                                # (1, K_P) top-k slot
     rk = (r < M) & (k < K)
-    I = tl.load(idx_ptr + b * (M * K) + r * K + k, mask=rk, other=-1).to(tl.int64)
+    # -1 marks padding only after the widening: `other=-1` in an unsigned id dtype would read as 255 / 65535,
+    # pass the `I >= 0` masks below and read and write outside the row
+    I = tl.where(rk, tl.load(idx_ptr + b * (M * K) + r * K + k, mask=rk, other=0).to(tl.int64), -1)
     P = tl.load(prob_ptr + b * (M * K) + r * K + k, mask=rk, other=0.0).to(tl.float32)
     ws = tl.load(w_soft_ptr + b * M + r, mask=r < M, other=0.0)   # (M_P, 1)
     wh = tl.load(w_hard_ptr + b * M + r, mask=r < M, other=0.0)   # (M_P, 1)
@@ -180,7 +182,7 @@ def ferkd_loss_triton(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, 
     norm = kept.sum().clamp_min(1.0)                              # () N on device: no host sync
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    grad = torch.empty((B, C), dtype=logits.dtype, device=logits.device)
+    grad = torch.empty((B, C), dtype=grad_dtype(logits.dtype), device=logits.device)
     row_loss = torch.empty(B, dtype=torch.float32, device=logits.device)
     # Up to 4096 columns per step bounds the registers; larger C loops (C = 22k: 6 steps per pass).
     block_c = block_c or min(triton.next_power_of_2(C), 4096)
@@ -208,19 +210,27 @@ def _loss_fwd(logits: torch.Tensor, topk_idx: torch.Tensor, topk_prob: torch.Ten
                              t_top=t_top, eps=eps, temperature=temperature)
 
 
+def grad_dtype(dtype):
+    """The dtype the forward stores d loss / d logits in: the logits' own, except fp32 for fp16. Under fp16 +
+    GradScaler the scale multiplies this gradient only in backward, and an fp16 gradient of T s_c / N flushes
+    to zero below 6e-8 before the scale (2^16) could lift it; bf16 has fp32's range."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 @_loss_fwd.register_fake
 def _loss_fwd_fake(logits, *args):
-    return logits.new_empty((), dtype=torch.float32), torch.empty_like(logits)
+    return logits.new_empty((), dtype=torch.float32), torch.empty_like(logits, dtype=grad_dtype(logits.dtype))
 
 
 def _loss_fwd_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])                              # the gradient, computed in the forward
     ctx.mark_non_differentiable(output[1])                        # no second derivative through it
+    ctx.logits_dtype = inputs[0].dtype
 
 
 def _loss_fwd_backward(ctx, grad_loss, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    return (grad * grad_loss,) + (None,) * 10                     # nothing flows to labels or thresholds
+    (grad,) = ctx.saved_tensors                                   # scaled, then rounded to the logits' dtype
+    return ((grad * grad_loss).to(ctx.logits_dtype),) + (None,) * 10  # nothing flows to labels or thresholds
 
 
 _loss_fwd.register_autograd(_loss_fwd_backward, setup_context=_loss_fwd_setup_context)
