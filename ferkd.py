@@ -206,11 +206,23 @@ def ce_loss(label_smoothing):
     return loss
 
 
-def region_targets(table, k, index, choice, device):
-    """Stored labels of the regions replayed in a batch: ids (B*n, k), probs (B*n, k), p_gt (B*n,)."""
-    rec = table[index[:, None], choice[index]].to(device, non_blocking=True)  # (B, n, D) uint8
-    ids, probs, pgt, _ = unpack_regions(rec.flatten(0, 1), k)
-    return ids, probs, pgt
+def to_device_async(t, device):
+    """A host tensor on `device` without the host waiting for the device: copied from pinned memory. From
+    pageable memory even a non_blocking copy first synchronizes the stream (CUDA runtime API, "API
+    synchronization behavior"): a host-device sync in every step. Torch's caching host allocator keeps the
+    pinned buffer until the copy has run."""
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
+def region_targets(table, k, index, choice, device, scores=None):
+    """Stored labels of the regions replayed in a batch: ids (B*n, k), probs (B*n, k), p_gt (B*n,); with
+    `scores` (N, R) uint8 (--thresholds=rank) each region's score in p_gt's place. One copy to the device."""
+    rec = table[index[:, None], choice[index]]                                # (B, n, D) uint8, on the host
+    if scores is not None:                                                    # (B, n, D + 1): the score last
+        rec = torch.cat([rec, scores[index[:, None], choice[index]][..., None]], 2)
+    rec = to_device_async(rec, device).flatten(0, 1)
+    ids, probs, pgt, _ = unpack_regions(rec[:, :table.shape[2]], k)
+    return ids, probs, (pgt if scores is None else rec[:, -1].float() / 255)
 
 
 def kd_loss(c, table, header):
@@ -224,9 +236,7 @@ def kd_loss(c, table, header):
     table = torch.from_numpy(table)
 
     def loss(logits, labels, index, choice, partner, share):
-        ids, probs, pgt = region_targets(table, k, index, choice, logits.device)
-        if scores is not None:
-            pgt = scores[index[:, None], choice[index]].flatten().to(logits.device).float() / 255
+        ids, probs, pgt = region_targets(table, k, index, choice, logits.device, scores)
         ids, probs, pgt = (torch.stack([t, t[partner]], 1) for t in (ids, probs, pgt))  # M = 2 regions a row
         if c.mix_source == "batch":  # the partner is another image: its hard region's truth is its own class
             ids[:, 1], probs[:, 1], pgt[:, 1] = as_soft_label(ids[:, 1], probs[:, 1], pgt[:, 1],
@@ -355,8 +365,11 @@ def evaluate(model, loader, device, amp_dtype, num_classes):
     for images_u8, labels, _ in epoch_batches(loader, 0):  # sequential: the same images every time
         x = to_model_input(images_u8, device)
         labels = labels.to(device)
+        if len(x) < loader.batch_size:  # the ragged last batch, padded: a compiled model keeps its one static
+            pad = x[-1:].expand(loader.batch_size - len(x), -1, -1, -1)  # graph instead of compiling a dynamic
+            x = torch.cat([x, pad]).contiguous(memory_format=torch.channels_last)  # one (eval: rows independent)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
+            logits = model(x)[:len(labels)]
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
         row = torch.stack([hits[:, 0], hits.any(1), torch.ones_like(hits[:, 0])], 1)  # (B, 3)
@@ -397,7 +410,11 @@ def rng_states(generator, device):
 def set_rng_states(states, rank, generator, device):
     mine = states[rank % len(states)]  # a changed world size resumes, but not bit-exactly
     torch.set_rng_state(mine["torch"])
-    generator.set_state(mine["mix"])
+    if len(mine["mix"]) == len(generator.get_state()):
+        generator.set_state(mine["mix"])
+    else:  # saved on another kind of device (a CPU generator's state is 5,056 bytes, a CUDA one's 16): SelfMix
+        # goes on with a new stream, a function of the saved one (--device may change, not bit-exactly)
+        generator.manual_seed(int(np.random.SeedSequence(mine["mix"].numpy()).generate_state(1)[0]))
     if device.type == "cuda" and len(mine["cuda"]):
         torch.cuda.set_rng_state(mine["cuda"], device)
 
