@@ -99,3 +99,33 @@ def test_eval_compiles_one_graph_with_a_ragged_last_batch(monkeypatch):
     assert counter.frame_count == 2  # training + evaluation, none for the 5-image batch, none the second time
     assert got[0] == want[0] and torch.equal(got[1], want[1])
     torch._dynamo.reset()
+
+
+class HostCopies(TorchFunctionMode):
+    """Records the size of each tensor handed to `.cpu()` (a no-op here, a device-to-host copy on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cpu:
+            self.sizes.append(args[0].numel())
+        return func(*args, **(kwargs or {}))
+
+
+def test_label_build_copies_only_the_topk_to_the_host():
+    """`labels.py build` reduces the teacher's (B, R + 1, C) probabilities to the stored top-k, p_gt and the
+    whole image's top-1 before anything leaves the device."""
+    import labels
+    B, R, k, C = 3, 4, 5, 50
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, C))
+    x, truth = torch.randn(B * (R + 1), 3, 4, 4), torch.randint(0, C, (B,))
+    with HostCopies() as mode:
+        top_p, top_i, gt, whole = labels.teacher_topk(model, x, truth, R, k, torch.device("cpu"), 2.0)
+    assert max(mode.sizes) <= B * R * k
+    p = torch.softmax(model(x) / 2.0, 1).view(B, R + 1, C)
+    torch.testing.assert_close(top_p, p[:, :R].topk(k, 2).values)
+    assert torch.equal(top_i, p[:, :R].topk(k, 2).indices) and torch.equal(whole, p[:, R].argmax(1))
+    torch.testing.assert_close(gt, p[:, :R, :].gather(2, truth.view(B, 1, 1).expand(B, R, 1))[..., 0])
