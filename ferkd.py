@@ -616,7 +616,9 @@ def make_model(c, num_classes, device, world, amp_dtype, peak_lr, state):
             scaler.load_state_dict(state["scaler"])    # starts a fresh scale
     compiled = use_compile(c, device)
     if compiled:  # in place: state_dict keys keep their names (no `_orig_mod.`); DDP then wraps the compiled
-        model.compile()  # module, never the reverse (compiling a DDP wrapper compiled nothing, NOTES.md)
+        model.compile()  # module, never the reverse (compiling a DDP wrapper compiled nothing, NOTES.md). The
+        # all-reduce still overlaps the backward: inside DDP's forward dynamo splits the compiled graph at DDP's
+        # bucket boundaries (DDPOptimizer; tests/test_gpu_paths.py checks it)
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     return model, ddp, optimizer, scaler, compiled
 
@@ -628,6 +630,11 @@ def resume(state, rank, generator, device):
         return 0, [], [], 0.0
     set_rng_states(state["rng"], rank, generator, device)
     return tuple(state[k] for k in ("step", "history", "epoch_losses", "train_seconds"))
+
+
+def steps_per_s(steps, seconds, first_step_seconds):
+    """An epoch's steady rate: its first step (where a compiled model compiles) left out, if it has others."""
+    return (steps - 1) / (seconds - first_step_seconds) if steps > 1 else steps / seconds
 
 
 def finite_losses(pending, first_step, model, what):
@@ -659,6 +666,7 @@ def train(**flags):
     c = parse_config(TrainConfig, flags)
     check_config(c)
     rank, world, device = setup_distributed(c.device)
+    torch.backends.cudnn.benchmark = True  # fixed shapes (full batches, eval padded): cuDNN's fastest kernels
     torch.manual_seed(c.seed)  # the student's initial weights
     run_dir = Path(c.run_dir)
 
@@ -721,7 +729,7 @@ def train(**flags):
     for epoch in range(step // steps_per_epoch, c.epochs):
         choice = data.fill_plan(epoch)
         skip = step - epoch * steps_per_epoch
-        pending, t_epoch, t0 = [], 0.0, time.time()
+        pending, t_epoch, t0, t_first = [], 0.0, time.time(), None
         bar = tqdm(total=(steps_per_epoch - skip) * rows, unit="img", unit_scale=True, leave=False,
                    desc=f"epoch {epoch + 1}/{c.epochs}", disable=rank != 0 or not sys.stderr.isatty())
         for images_u8, labels, index in epoch_batches(data.loader, epoch, skip):
@@ -729,6 +737,8 @@ def train(**flags):
                 g["lr"] = lr_at(step, total_steps, warmup, peak_lr)
             pending.append(train_step(images_u8, labels, index, choice))
             step += 1
+            if t_first is None:  # timed apart: a compiled model's cold compile, the allocator's first batch
+                t_first = time.time() - t0
             bar.update(rows)
             if c.ckpt_every and step % c.ckpt_every == 0 and step % steps_per_epoch:  # (epoch ends: below)
                 epoch_losses += finite_losses(pending, step - len(pending) + 1, model, last_good())
@@ -745,7 +755,8 @@ def train(**flags):
         test, _ = evaluate(model, data.test_loader, device, amp_dtype, len(data.classes))
         metrics = dict(epoch=epoch + 1, loss=math.fsum(epoch_losses) / len(epoch_losses), **test,
                        lr=optimizer.param_groups[0]["lr"], train_seconds=round(t_train, 1),
-                       images_per_s=round((steps_per_epoch - skip) * rows / t_epoch, 1))
+                       images_per_s=round(steps_per_s(steps_per_epoch - skip, t_epoch, t_first) * rows, 1),
+                       first_step_s=round(t_first, 2))
         if choice is not None:  # the categories of the regions replayed this epoch (all ranks' images)
             kept = data.kept_images
             replayed = data.category[kept[:, None], choice[kept]]

@@ -129,3 +129,54 @@ def test_label_build_copies_only_the_topk_to_the_host():
     torch.testing.assert_close(top_p, p[:, :R].topk(k, 2).values)
     assert torch.equal(top_i, p[:, :R].topk(k, 2).indices) and torch.equal(whole, p[:, R].argmax(1))
     torch.testing.assert_close(gt, p[:, :R, :].gather(2, truth.view(B, 1, 1).expand(B, R, 1))[..., 0])
+
+
+def test_epoch_rate_leaves_out_the_first_step(monkeypatch, tmp_path):
+    """Epoch 1's images/s without its first step, where a compiled model compiles (here: a 3 s first step);
+    the first step's seconds logged beside it. cuDNN may pick its kernels by timing (fixed shapes)."""
+    import time
+    make = ferkd.make_train_step
+
+    def slow_first(*args):
+        step, calls = make(*args), []
+
+        def train_step(*batch):
+            if not calls:
+                time.sleep(3)
+            calls.append(1)
+            return step(*batch)
+        return train_step
+    monkeypatch.setattr(ferkd, "make_train_step", slow_first)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    ferkd.train(data="digits", kd="none", arch="small16", epochs=1, batch_size=256, device="cpu",
+                tensorboard=False, run_dir=str(tmp_path))
+    import json
+    m = json.loads((tmp_path / "final.json").read_text())
+    steps = 1437 // 256
+    assert m["first_step_s"] >= 3 and m["train_seconds"] > 3
+    assert m["images_per_s"] > 2 * steps * 256 / m["train_seconds"]  # a 3 s step in 5 would halve it at least
+    assert torch.backends.cudnn.benchmark
+
+
+def test_compiled_model_inside_ddp_splits_at_buckets():
+    """DDP(compiled model), as the trainer wraps it: dynamo applies DDPOptimizer to the inner module during
+    DDP's forward, one graph per gradient bucket, so each bucket's all-reduce can start while the backward of
+    the graphs before it runs. One rank over gloo; more buckets -> more graphs."""
+    import torch.distributed as dist
+    from torch._dynamo.testing import CompileCounter
+    import models
+    graphs = {}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for cap_mb in (100, 1):
+            torch._dynamo.reset()
+            counter = CompileCounter()
+            model = models.build_model("small64", 10)  # 3.6 MB of fp32 parameters
+            model.compile(backend=counter)
+            ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cap_mb)
+            ddp(torch.randn(4, 3, 16, 16)).sum().backward()
+            graphs[cap_mb] = counter.frame_count
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+    assert 1 < graphs[100] < graphs[1], graphs  # DDP's first bucket is 1 MB: 2 graphs even at 100 MB
