@@ -215,6 +215,7 @@ def bench_step(arch="small32", batch=256, res=32, steps=20, device="cpu", classe
     base = out["eager fp32"][0]
     for name, (r, w) in out.items():
         print(f"| {name} | {r:,.0f} | {r / base:.2f}x | {w:.1f} |")
+    return {name: dict(images_per_s=round(r, 1), warmup_s=round(w, 1)) for name, (r, w) in out.items()}
 
 
 def bench_build(arch="small64", regions=16, batch=255, res=16):
