@@ -147,12 +147,14 @@ def bench_loader(images=4000, workers=2, batch=256, regions=4, res=32, epochs=3)
           f"{theirs:,.0f} |\n| ratio | {ours / theirs:.1f}x |")
 
 
-def bench_step(arch="small32", batch=256, res=32, steps=20, device="cpu", classes=10, compile=True):
+def bench_step(arch="small32", batch=256, res=32, steps=20, device="cpu", classes=10, compile=True,
+               figures=None):
     """Train-step images/s: eager fp32, then channels-last in fp32 and in bf16 autocast (the precision
     question of `--amp=auto`: is bf16 native here?), then compiled + bf16 + channels-last (with --compile),
     same model, batch, optimizer, with the FKD loss on synthetic top-5 labels (on CUDA: the Triton kernel).
     torchvision's resnet* need no FFCV:
-    `python bench.py step --device=cuda --arch=resnet50 --res=224 --batch=256 --classes=1000`."""
+    `python bench.py step --device=cuda --arch=resnet50 --res=224 --batch=256 --classes=1000`.
+    A dict passed as `figures` receives each variant's images/s and warm-up seconds (.ci/gpu-check)."""
     import torchvision
     from kernels_triton import ferkd_loss
     device = torch.device(device)
@@ -210,10 +212,13 @@ def bench_step(arch="small32", batch=256, res=32, steps=20, device="cpu", classe
         where += f", native bf16: {'yes' if models.cpu_has_native_bf16() else 'no'}"
     print(f"\n3. train step (FKD loss), {arch} at {res} px, batch {batch}, {classes} classes, {where}, "
           f"torch {torch.__version__}")
-    print("| step | images/s | vs eager fp32 | warm-up s |\n|---|---|---|---|")
+    print("| step | images/s | ratio to eager fp32 | warm-up s |\n|---|---|---|---|")
     base = out["eager fp32"][0]
     for name, (r, w) in out.items():
         print(f"| {name} | {r:,.0f} | {r / base:.2f}x | {w:.1f} |")
+    if figures is not None:
+        figures.update({name: dict(images_per_s=round(r, 1), warmup_s=round(w, 1))
+                        for name, (r, w) in out.items()})
 
 
 def bench_build(arch="small64", regions=16, batch=255, res=16):

@@ -235,11 +235,23 @@ def ce_loss(label_smoothing):
     return loss
 
 
-def region_targets(table, k, index, choice, device):
-    """Stored labels of the regions replayed in a batch: ids (B*n, k), probs (B*n, k), p_gt (B*n,)."""
-    rec = table[index[:, None], choice[index]].to(device, non_blocking=True)  # (B, n, D) uint8
-    ids, probs, pgt, _ = unpack_regions(rec.flatten(0, 1), k)
-    return ids, probs, pgt
+def to_device_async(t, device):
+    """A host tensor on `device` without the host waiting for the device: copied from pinned memory. From
+    pageable memory even a non_blocking copy first synchronizes the stream (CUDA runtime API, "API
+    synchronization behavior"): a host-device sync in every step. Torch's caching host allocator keeps the
+    pinned buffer until the copy has run."""
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
+def region_targets(table, k, index, choice, device, scores=None):
+    """Stored labels of the regions replayed in a batch: ids (B*n, k), probs (B*n, k), p_gt (B*n,); with
+    `scores` (N, R) uint8 (--thresholds=rank) each region's score in p_gt's place. One copy to the device."""
+    rec = table[index[:, None], choice[index]]                                # (B, n, D) uint8, on the host
+    if scores is not None:                                                    # (B, n, D + 1): the score last
+        rec = torch.cat([rec, scores[index[:, None], choice[index]][..., None]], 2)
+    rec = to_device_async(rec, device).flatten(0, 1)
+    ids, probs, pgt, _ = unpack_regions(rec[:, :table.shape[2]], k)
+    return ids, probs, (pgt if scores is None else rec[:, -1].float() / 255)
 
 
 def kd_loss(c, table, header):
@@ -255,9 +267,7 @@ def kd_loss(c, table, header):
         table = torch.from_numpy(table)
 
     def loss(x, logits, labels, index, choice, partner, share):
-        ids, probs, pgt = region_targets(table, k, index, choice, logits.device)
-        if scores is not None:
-            pgt = scores[index[:, None], choice[index]].flatten().to(logits.device).float() / 255
+        ids, probs, pgt = region_targets(table, k, index, choice, logits.device, scores)
         ids, probs, pgt = (torch.stack([t, t[partner]], 1) for t in (ids, probs, pgt))  # M = 2 regions a row
         if c.mix_source == "batch":  # the partner is another image: its hard region's truth is its own class
             ids[:, 1], probs[:, 1], pgt[:, 1] = as_soft_label(ids[:, 1], probs[:, 1], pgt[:, 1],
@@ -414,8 +424,11 @@ def evaluate(model, loader, device, amp_dtype, num_classes):
     for images_u8, labels, _ in epoch_batches(loader, 0):  # sequential: the same images every time
         x = to_model_input(images_u8, device)
         labels = labels.to(device)
+        if len(x) < loader.batch_size:  # the ragged last batch, padded: a compiled model keeps its one static
+            pad = x[-1:].expand(loader.batch_size - len(x), -1, -1, -1)  # graph instead of compiling a dynamic
+            x = torch.cat([x, pad]).contiguous(memory_format=torch.channels_last)  # one (eval: rows independent)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
+            logits = model(x)[:len(labels)]
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
         row = torch.stack([hits[:, 0], hits.any(1), torch.ones_like(hits[:, 0])], 1)  # (B, 3)
@@ -458,7 +471,11 @@ def rng_states(generator, device):
 def set_rng_states(states, rank, generator, device):
     mine = states[rank % len(states)]  # a changed world size resumes, but not bit-exactly
     torch.set_rng_state(mine["torch"])
-    generator.set_state(mine["mix"])
+    if len(mine["mix"]) == len(generator.get_state()):
+        generator.set_state(mine["mix"])
+    else:  # saved on another kind of device (a CPU generator's state is 5,056 bytes, a CUDA one's 16): SelfMix
+        # goes on with a new stream, a function of the saved one (--device may change, not bit-exactly)
+        generator.manual_seed(int(np.random.SeedSequence(mine["mix"].numpy()).generate_state(1)[0]))
     if device.type == "cuda" and len(mine["cuda"]):
         torch.cuda.set_rng_state(mine["cuda"], device)
 
@@ -667,7 +684,9 @@ def make_model(c, num_classes, device, world, amp_dtype, peak_lr, state):
             scaler.load_state_dict(state["scaler"])    # starts a fresh scale
     compiled = use_compile(c, device)
     if compiled:  # in place: state_dict keys keep their names (no `_orig_mod.`); DDP then wraps the compiled
-        model.compile()  # module, never the reverse (compiling a DDP wrapper compiled nothing, NOTES.md)
+        model.compile()  # module, never the reverse (compiling a DDP wrapper compiled nothing, NOTES.md). The
+        # all-reduce still overlaps the backward: inside DDP's forward dynamo splits the compiled graph at DDP's
+        # bucket boundaries (DDPOptimizer; tests/test_gpu_paths.py checks it)
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     return model, ddp, optimizer, scaler, compiled
 
@@ -679,6 +698,11 @@ def resume(state, rank, generator, device):
         return 0, [], [], 0.0
     set_rng_states(state["rng"], rank, generator, device)
     return tuple(state[k] for k in ("step", "history", "epoch_losses", "train_seconds"))
+
+
+def steps_per_s(steps, seconds, first_step_seconds):
+    """An epoch's steady rate: its first step (where a compiled model compiles) left out, if it has others."""
+    return (steps - 1) / (seconds - first_step_seconds) if steps > 1 else steps / seconds
 
 
 def finite_losses(pending, first_step, model, what):
@@ -710,6 +734,7 @@ def train(**flags):
     c = parse_config(TrainConfig, flags)
     check_config(c)
     rank, world, device = setup_distributed(c.device)
+    torch.backends.cudnn.benchmark = True  # fixed shapes (full batches, eval padded): cuDNN's fastest kernels
     torch.manual_seed(c.seed)  # the student's initial weights
     run_dir = Path(c.run_dir)
 
@@ -787,7 +812,7 @@ def train(**flags):
             res = res_at(c, epoch, data.res)
             print0(f"epoch {epoch + 1}: training at {res} px" + (" (torch.compile recompiles once for it)"
                                                                  if compiled and epoch else ""))
-        pending, t_epoch, t0 = [], 0.0, time.time()
+        pending, t_epoch, t0, t_first = [], 0.0, time.time(), None
         bar = tqdm(total=(steps_per_epoch - skip) * rows, unit="img", unit_scale=True, leave=False,
                    desc=f"epoch {epoch + 1}/{c.epochs}", disable=rank != 0 or not sys.stderr.isatty())
         for images_u8, labels, index in epoch_batches(data.loader(res), epoch, skip):
@@ -795,6 +820,8 @@ def train(**flags):
                 g["lr"] = lr_at(step, total_steps, warmup, peak_lr)
             pending.append(train_step(images_u8, labels, index, choice))
             step += 1
+            if t_first is None:  # timed apart: a compiled model's cold compile, the allocator's first batch
+                t_first = time.time() - t0
             bar.update(rows)
             if c.ckpt_every and step % c.ckpt_every == 0 and step % steps_per_epoch:  # (epoch ends: below)
                 epoch_losses += finite_losses(pending, step - len(pending) + 1, model, last_good())
@@ -811,7 +838,8 @@ def train(**flags):
         test, _ = evaluate(model, data.test_loader, device, amp_dtype, len(data.classes))
         metrics = dict(epoch=epoch + 1, loss=math.fsum(epoch_losses) / len(epoch_losses), **test,
                        lr=optimizer.param_groups[0]["lr"], train_seconds=round(t_train, 1),
-                       images_per_s=round((steps_per_epoch - skip) * rows / t_epoch, 1))
+                       images_per_s=round(steps_per_s(steps_per_epoch - skip, t_epoch, t_first) * rows, 1),
+                       first_step_s=round(t_first, 2))
         if choice is not None:  # the categories of the regions replayed this epoch (all ranks' images)
             kept = data.kept_images
             replayed = data.category[kept[:, None], choice[kept]]

@@ -135,6 +135,16 @@ def teacher_probs(model, x, device, temperature):
     return F.softmax(logits.float() / temperature, dim=1)
 
 
+def teacher_topk(model, x, labels, R, k, device, temperature):
+    """The teacher on a batch of B images' R regions + whole image, reduced on the device to what is stored:
+    top-k probabilities and classes (B, R, k), p_gt (B, R) and the whole image's top-1 (B,), then copied to
+    the host (a GPU build copied all (B, R + 1, C) fp32 probabilities: 22 MB a batch at C = 21,843); and C."""
+    p = teacher_probs(model, x, device, temperature).view(len(labels), R + 1, -1)   # on the device
+    top_p, top_i = p[:, :R].topk(k, dim=2)                                          # (B, R, k)
+    gt = p[:, :R].gather(2, labels.to(p.device).view(-1, 1, 1).expand(-1, R, 1)).squeeze(2)  # (B, R) p_gt
+    return (*(t.cpu() for t in (top_p, top_i, gt, p[:, R].argmax(1))), p.shape[-1])
+
+
 def write_images(mode, ds, partial, state, key, R, D):
     """Phase 1 (rank 0): the images, with all-zero region records, through `write_beton` (encoded on every
     core, written in index order by one thread, so the layout is the same every time); then the state that
@@ -188,16 +198,13 @@ def label_chunks(c, model, teacher_id, device, partial, state, todo, chunk, rank
     t_chunks, n_done = time.time(), 0
     for images, labels, index in epoch_batches(loader, 0):
         x = to_model_input(images, device, teacher_id["mean"], teacher_id["std"])
-        p = teacher_probs(model, x, device, c.temperature).view(len(index), R + 1, -1).cpu()
-        top_p, top_i = p[:, :R].topk(k, dim=2)                                      # (B, R, k)
-        gt = p[:, :R].gather(2, labels.view(-1, 1, 1).expand(-1, R, 1)).squeeze(2)  # (B, R) p_gt
+        top_p, top_i, gt, whole_top1, C = teacher_topk(model, x, labels, R, k, device, c.temperature)
         idx = index.numpy().astype(np.int64)
-        rec = pack_regions(qboxes[idx], flips[idx], top_i.numpy(), top_p.numpy(), gt.numpy(),
-                           p.shape[-1])
+        rec = pack_regions(qboxes[idx], flips[idx], top_i.numpy(), top_p.numpy(), gt.numpy(), C)
         for s, r in zip(slots[idx], rec):                                   # (R, D) records per image
             os.pwrite(fd, r.tobytes(), s)
         hits += [(top_i[..., 0] == labels.view(-1, 1)).sum().item(),
-                 (p[:, R].argmax(1) == labels).sum().item()]
+                 (whole_top1 == labels).sum().item()]
         bar.update(len(idx) * (R + 1))
         ci = int(idx[0]) // chunk
         if idx[-1] == min(N, (ci + 1) * chunk) - 1:  # its last batch: make the chunk durable, then say so

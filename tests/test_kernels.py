@@ -90,7 +90,7 @@ def dense_reference(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_
 
 def assert_matches(loss, grad, ref_loss, ref_grad, dtype, ulps):
     """Loss (always fp32) to 2e-5; gradient to `ulps` units of the logits dtype, atol scaled by its max."""
-    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert loss.dtype == torch.float32 and grad.dtype in (dtype, torch.float32)  # fp32: fp16's raw kernel grad
     torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=1e-6)
     rtol = max(ulps * torch.finfo(dtype).eps, 1e-5)
     atol = (1e-6 if dtype == torch.float32 else 1e-5) * float(ref_grad.abs().max()) + 1e-12
@@ -248,10 +248,56 @@ def kernel_checks(dtype, device):
 
 
 @pytest.mark.timeout(120)
+def test_unsigned_ids_and_scaled_fp16_gradient_in_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, __file__, "edges"], env=env, capture_output=True, text=True,
+                          timeout=100)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "edge checks passed" in proc.stdout
+
+
+def edge_checks(device):
+    """Two ways the kernel could go wrong outside the shapes above (issue 25). Unsigned ids with padded
+    top-k slots (K = 3 -> 4): padding must match no class, not id 255 outside a 10-class row. fp16 logits
+    under a GradScaler-like upstream gradient of 2^16: gradients below fp16's range before the scale must
+    survive it (the kernel keeps fp16's gradient in fp32 until backward has scaled it)."""
+    from kernels_triton import ferkd_loss_triton
+
+    for M in (1, 2):
+        batch, th = make_batch(16, 10, 3, M, "mixed", seed=5)
+        guarded = torch.full((16, 264), float("nan"))     # rows 264 apart, NaN past column 10: a read of
+        guarded[:, :10] = batch["logits"]                 # "class 255" makes the loss NaN
+        batch["logits"] = guarded[:, :10]
+        want = ferkd_loss_triton(**{k: v.to(device) for k, v in batch.items()}, **th, eps=0.1)
+        for idtype in (torch.uint8, torch.int16):
+            narrow = {**batch, "topk_idx": batch["topk_idx"].to(idtype), "target": batch["target"].to(idtype)}
+            assert want[0].isfinite()
+            got = ferkd_loss_triton(**{k: v.to(device) for k, v in narrow.items()}, **th, eps=0.1)
+            torch.testing.assert_close([t.cpu() for t in got], [t.cpu() for t in want], rtol=0, atol=0)
+    B, C = 4, 64
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, C, generator=g) * 0.5
+    logits[:, 0] = 20.0                                 # every other class: s_c ~ 2e-9, T s_c / N < fp16's 6e-8
+    batch = dict(logits=logits.half(), topk_idx=torch.tensor([0, 1, 2]).expand(B, 1, 3).contiguous(),
+                 topk_prob=torch.tensor([0.5, 0.25, 0.25]).expand(B, 1, 3).contiguous(),  # sum 1: u = 0
+                 p_gt=torch.full((B, 1), 0.5), target=torch.zeros(B, dtype=torch.long), mix=torch.ones(B, 1))
+    x = batch["logits"].to(device).requires_grad_()
+    labels = [batch[k].to(device) for k in ("topk_idx", "topk_prob", "p_gt", "target", "mix")]
+    loss = torch.ops.ferkd.loss_fwd(x, *labels, 0.0, 0.0, 1.0, 0.0, 1.0)[0]
+    loss.backward(torch.tensor(2.0**16, device=device))  # scaler.scale(loss).backward()
+    _, ref = dense_reference(**batch, **FKD, eps=0.0, temperature=1.0, grad_out=2.0**16)
+    assert x.grad.dtype == torch.float16 and (ref[:, 3:].abs() > 1e-6).all()
+    torch.testing.assert_close(x.grad.cpu().double(), ref, rtol=2e-3, atol=1e-7)
+    print("edge checks passed")
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the interpreter covers CPU")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_triton_kernel_on_cuda(dtype):
     kernel_checks(dtype, "cuda")
+    if dtype == "float16":
+        edge_checks("cuda")
     batch, th = make_batch(37, 1001, 5, 2, "mixed", seed=11, dtype=getattr(torch, dtype))
     loss, grad = run_op({k: v.cuda() for k, v in batch.items()}, th, eps=0.1, temperature=2.0, grad_out=0.37)
     ref_loss, ref_grad = dense_reference(**batch, **th, eps=0.1, temperature=2.0, grad_out=0.37)
@@ -269,7 +315,8 @@ def test_triton_kernel_compiles_for_gpu(arch, dtype):
 
     from kernels_triton import _ferkd_loss_kernel
 
-    types = dict(logits_ptr=f"*{dtype}", grad_ptr=f"*{dtype}", loss_ptr="*fp32", idx_ptr="*i64",
+    grad = "fp32" if dtype == "fp16" else dtype  # kernels_triton.grad_dtype
+    types = dict(logits_ptr=f"*{dtype}", grad_ptr=f"*{grad}", loss_ptr="*fp32", idx_ptr="*i64",
                  prob_ptr="*fp32", w_soft_ptr="*fp32", w_hard_ptr="*fp32", target_ptr="*i64",
                  norm_ptr="*fp32", stride_row="i32", C="i32", eps="fp32", e="fp32", inv_rest="fp32",
                  inv_t="fp32", t="fp32")
@@ -283,4 +330,4 @@ def test_triton_kernel_compiles_for_gpu(arch, dtype):
 
 if __name__ == "__main__":                         # TRITON_INTERPRET=1 python tests/test_kernels.py bfloat16
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    kernel_checks(sys.argv[1], "cpu")
+    edge_checks("cpu") if sys.argv[1] == "edges" else kernel_checks(sys.argv[1], "cpu")

@@ -44,7 +44,7 @@ def test_readme_usage_commands_run(tmp_path):
     (["kernels_triton.py"], "FerKD + SelfMix"),
     (["bench.py", "labels", "--images=20"], "bytes"),
     (["bench.py", "loader", "--images=300", "--epochs=2", "--batch=64"], "ratio"),
-    (["bench.py", "step", "--arch=small16", "--batch=32", "--steps=2"], "vs eager fp32"),
+    (["bench.py", "step", "--arch=small16", "--batch=32", "--steps=2"], "ratio to eager fp32"),
 ])
 def test_readme_benchmark_commands_run(command, expect):
     """Benchmark commands the README quotes run and print their tables: the loss benchmark whole, bench.py's
