@@ -20,7 +20,7 @@ T temperature, z = logits / T, s = softmax(z), I/P = teacher top-k classes/proba
 probability of the ground-truth class t of a region, a = mixing weights.
 
 Target of region m (FKD's marginal smoothing + FerKD's calibration by p, thresholds t_low <= t_mid <= t_top):
-    q_m    = P_mk on I_mk, u_m = (1 - sum_k P_mk) / (C - K) on every other class           (u_m = 0 if C = K)
+    q_m    = P_mk on I_mk, u_m = max(1 - sum_k P_mk, 0) / (C - K) on every other class    (u_m = 0 if C = K)
     p < t_low or p > t_top  -> dropped (teacher unreliable on the crop, or the crop too easy to teach)
     t_low <= p < t_mid      -> hard region: 1 - eps on t, e = eps / (C - 1) elsewhere
     otherwise               -> soft region: q_m
@@ -74,7 +74,7 @@ def ferkd_loss_torch(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t
     M, K = topk_idx.shape[1:]
     a, kept = region_weights(p_gt, mix, t_low, t_top)            # (B, M) renormalized, 0 if dropped; (B, 1)
     P = topk_prob.float()                                         # (B, M, K)
-    u = (1 - P.sum(2, keepdim=True)) / (C - K) if C > K else torch.zeros_like(P[..., :1])  # (B, M, 1)
+    u = (1 - P.sum(2, keepdim=True)).clamp_min(0) / (C - K) if C > K else torch.zeros_like(P[..., :1])
     y_m = u.expand(B, M, C).scatter_add(2, topk_idx.long(), P - u)  # (B, M, C) q_m: P on the top-k, u else
     if t_mid > t_low:                                             # hard regions: the softened truth instead
         hard = torch.full((B, M, C), eps / (C - 1), device=logits.device)
@@ -118,7 +118,7 @@ def _ferkd_loss_kernel(
     P = tl.load(prob_ptr + b * (M * K) + r * K + k, mask=rk, other=0.0).to(tl.float32)
     ws = tl.load(w_soft_ptr + b * M + r, mask=r < M, other=0.0)   # (M_P, 1)
     wh = tl.load(w_hard_ptr + b * M + r, mask=r < M, other=0.0)   # (M_P, 1)
-    u = (1.0 - tl.sum(P, axis=1)[:, None]) * inv_rest             # (M_P, 1)
+    u = tl.maximum(1.0 - tl.sum(P, axis=1)[:, None], 0.0) * inv_rest  # (M_P, 1); an fp32 sum may pass 1
     U = tl.sum(ws * u) + tl.sum(wh) * e
     H = tl.sum(wh) * (1.0 - eps - e)
     V = tl.reshape(tl.where(rk, ws * (P - u), 0.0), (M_P * K_P,))

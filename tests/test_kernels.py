@@ -74,7 +74,8 @@ def dense_reference(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_
                 y_m[target[b]] = 1 - eps
             else:
                 P = topk_prob[b, m].double()
-                y_m = torch.full((C,), (1 - float(P.sum())) / (C - K) if C > K else 0.0, dtype=torch.float64)
+                rest = max(1 - float(P.sum()), 0.0)                          # never below 0
+                y_m = torch.full((C,), rest / (C - K) if C > K else 0.0, dtype=torch.float64)
                 y_m[topk_idx[b, m]] = P
             y[b] += float(mix[b, m]) * y_m
             total += float(mix[b, m])
@@ -132,6 +133,16 @@ def test_torch_path_dtypes_and_temperature(dtype, temperature):
     ref_loss, ref_grad = dense_reference(**batch, **thresholds, eps=0.2, temperature=temperature,
                                          grad_out=-1.7)
     assert_matches(loss, grad, ref_loss, ref_grad, dtype, ulps=1)
+
+
+def test_rest_share_is_never_negative():
+    """Top-k probabilities whose sum passes 1 (rounding of a stored code, an fp32 sum) give the classes outside
+    the top-k 0, not a negative share."""
+    batch, th = make_batch(8, 10, 3, 1, "soft", seed=6)
+    batch["topk_prob"] = torch.tensor([0.6, 0.3, 0.11]).expand(8, 1, 3).contiguous()   # sums to 1.01
+    loss, grad = run_op(batch, th, eps=0.1, temperature=1.0, grad_out=1.0)
+    ref_loss, ref_grad = dense_reference(**batch, **th, eps=0.1, temperature=1.0, grad_out=1.0)
+    assert_matches(loss, grad, ref_loss, ref_grad, torch.float32, ulps=1)
 
 
 def test_label_dtypes_as_stored():
@@ -257,10 +268,11 @@ def test_unsigned_ids_and_scaled_fp16_gradient_in_interpreter():
 
 
 def edge_checks(device):
-    """Two ways the kernel could go wrong outside the shapes above (issue 25). Unsigned ids with padded
+    """Three ways the kernel could go wrong outside the shapes above (issue 25). Unsigned ids with padded
     top-k slots (K = 3 -> 4): padding must match no class, not id 255 outside a 10-class row. fp16 logits
     under a GradScaler-like upstream gradient of 2^16: gradients below fp16's range before the scale must
-    survive it (the kernel keeps fp16's gradient in fp32 until backward has scaled it)."""
+    survive it (the kernel keeps fp16's gradient in fp32 until backward has scaled it). Top-k summing past 1:
+    the other classes get 0, not a negative share."""
     from kernels_triton import ferkd_loss_triton
 
     for M in (1, 2):
@@ -288,6 +300,11 @@ def edge_checks(device):
     _, ref = dense_reference(**batch, **FKD, eps=0.0, temperature=1.0, grad_out=2.0**16)
     assert x.grad.dtype == torch.float16 and (ref[:, 3:].abs() > 1e-6).all()
     torch.testing.assert_close(x.grad.cpu().double(), ref, rtol=2e-3, atol=1e-7)
+    batch, th = make_batch(8, 10, 3, 1, "soft", seed=6)          # top-k summing to 1.01: the rest gets 0
+    batch["topk_prob"] = torch.tensor([0.6, 0.3, 0.11]).expand(8, 1, 3).contiguous()
+    loss, grad = ferkd_loss_triton(**{k: v.to(device) for k, v in batch.items()}, **th, eps=0.1)
+    ref_loss, ref_grad = dense_reference(**batch, **th, eps=0.1, temperature=1.0, grad_out=1.0)
+    assert_matches(loss.cpu(), grad.cpu(), ref_loss, ref_grad, torch.float32, ulps=2)
     print("edge checks passed")
 
 
