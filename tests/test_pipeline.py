@@ -371,13 +371,14 @@ def test_training_at_another_resolution_replays_the_stored_boxes(built):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_evaluation_at_eval_res_is_the_centre_crop(tmp_path):
+def test_evaluation_at_eval_res_is_the_centre_crop(tmp_path, monkeypatch):
     """Image folders evaluate on the centre square of side ratio x the shorter side, resized to --eval_res:
     pixel-exact against OpenCV's crop and INTER_AREA resize of the stored image."""
     import beton
     import ferkd
     from test_train_extras import image_folder
     image_folder(tmp_path, shape=(32, 32))
+    monkeypatch.chdir(tmp_path)  # the dataset's cached .beton goes to ./data: here, not the repository's
     data = f"imagefolder:{tmp_path}"
     loader, ds = ferkd.eval_loader(data, 12, 0.75, 64, 1, 0, 1, torch.device("cpu"))
     got = {int(i): img[0].numpy() for x, _, index in beton.epoch_batches(loader, 0)
