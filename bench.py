@@ -21,6 +21,7 @@ import atexit
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -300,9 +301,13 @@ class SyntheticImages:
 def memory():
     """This process's peak resident memory, and what is resident now: anonymous (its own arrays) and
     file-backed (pages of memory-mapped files, e.g. FFCV's reads of the .beton: page cache, shared, and the
-    kernel maps up to 64 KiB of cached neighbours on each fault)."""
+    kernel maps up to 64 KiB of cached neighbours on each fault). "Now" is after malloc_trim: freed
+    temporaries that glibc keeps for reuse (how many depends on the process's history and threads, e.g. a
+    process group's) are handed back first, so it reads what the process holds."""
+    import ctypes
     import resource
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+    ctypes.CDLL(None).malloc_trim(0)
     now = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in open("/proc/self/status")
            if line.startswith(("RssAnon", "RssFile"))}
     return (f"peak RSS {peak:,.0f} MB (now anonymous {now['RssAnon']:,.0f} MB, "
@@ -354,30 +359,50 @@ def scale_write(path, images, regions, k=5, classes=1000, seed=0):
 
 def scale_train(path, steps=300, batch=256, crops=1, workers=2):
     """`ferkd.py train`'s start-up on a label file (header, region table, FerKD categories, the first epoch's
-    plan, the loader), then `steps` FKD steps of small16 at 32 px, then loader rows/s alone."""
+    plan, the loader), then `steps` FKD steps of small16 at 32 px, then loader rows/s alone. Under torchrun
+    each process does this on its share of the images and prints its own lines (`train start-up (rank r/w)`):
+    the region table is mapped once per node, checked by one process while the others wait."""
     import beton
     import ferkd
-    import models
+    import torch.distributed as dist
     t0 = time.time()
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # not runtime.setup_distributed: its malloc settings keep freed temporaries resident, which
+        dist.init_process_group("gloo")  # would read as held memory below (they are reused, per chunk)
+    who = f" (rank {rank}/{world})" if world > 1 else ""
+
+    def say(line):  # one write per line: the processes share stdout
+        os.write(sys.stdout.fileno(), (line + "\n").encode())
+
     header = beton.read_header(path)
     table = beton.read_regions(path, header)
     heights, widths = beton.image_sizes(path)
     c = ferkd.TrainConfig(kd="ferkd", labels=str(path), crops=crops, batch_size=batch)
     plan, fill, images, category = ferkd.region_plans(c, header, table, heights, widths)
     choice = fill(0)
-    loader = beton.region_loader(path, plan, header["res"], batch, workers, order="random", indices=images,
-                                 drop_last=True)
+    loader = beton.region_loader(path, plan, header["res"], batch, workers, order="random",
+                                 indices=images[rank::world], drop_last=True)
+    if world > 1:
+        dist.barrier()  # every process started: what each holds now is its own start-up's
     t1 = time.time()
-    print(f"train start-up: {t1 - t0:.0f} s, {memory()} "
-          f"(records {table.nbytes / 2**20:,.0f} MB)", flush=True)
-    if not steps:
-        return
+    say(f"train start-up{who}: {t1 - t0:.0f} s, {memory()} (records {table.nbytes / 2**20:,.0f} MB)")
+    if steps:
+        scale_steps(header, table, c, choice, loader, steps, batch, crops, say, who)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def scale_steps(header, table, c, choice, loader, steps, batch, crops, say, who):
+    """scale_train's FKD steps (the first 20 warm up), then the loader alone."""
+    import beton
+    import ferkd
+    import models
     device = torch.device("cpu")
     model = models.build_model("small16", header["num_classes"]).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     step = ferkd.make_train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False),
-                                 ferkd.kd_loss(c, table, header), ferkd.mix_batch(c, None), torch.bfloat16,
-                                 device, crops)
+                                 ferkd.kd_loss(c, table, header), ferkd.mix_batch(c, None),
+                                 models.autocast_dtype(device)[0], device, crops)
     n, t2, batches = 0, time.time(), beton.epoch_batches(loader, 0)
     for images_u8, labels, index in batches:
         step(images_u8, labels, index, choice)
@@ -388,28 +413,43 @@ def scale_train(path, steps=300, batch=256, crops=1, workers=2):
             break
     batches.close()  # stops FFCV's pipeline thread mid-epoch
     t3 = time.time()
-    print(f"train steps: {(n - 20) * batch * crops / (t3 - t2):,.0f} rows/s over {n - 20} steps after 20, "
-          f"{memory()}", flush=True)
+    say(f"train steps{who}: {(n - 20) * batch * crops / (t3 - t2):,.0f} rows/s over {n - 20} steps after 20, "
+        f"{memory()}")
     n, t4, batches = 0, time.time(), beton.epoch_batches(loader, 1)
     for images_u8, labels, index in batches:
         n += 1
         if n == steps:
             break
     batches.close()
-    print(f"loader alone: {n * batch * crops / (time.time() - t4):,.0f} rows/s", flush=True)
+    say(f"loader alone{who}: {n * batch * crops / (time.time() - t4):,.0f} rows/s")
 
 
-def scale(images=1_281_167, regions=300, steps=300, out=""):
-    """The ImageNet-shaped run: writes the label file (to --out, else a temporary folder), then measures the
-    trainer on it, each part in its own process so each peak RSS is its own."""
+def is_label_file(path, images, regions):
+    import beton
+    try:
+        header = beton.read_header(path)
+    except beton.UserError:
+        return False
+    return (header["images"], header["regions"]) == (images, regions)
+
+
+def scale(images=1_281_167, regions=300, steps=300, out="", nproc=1):
+    """The ImageNet-shaped run: writes the label file (to --out, else a temporary folder; an existing --out of
+    the same size is reused), then measures the trainer on it, each part in its own process so each peak RSS
+    is its own; with --nproc=P the trainer's part runs as P processes under torchrun, as on one node."""
     import subprocess
     import sys
     path = Path(out) if out else scratch_dir() / "scale.beton"
     print(f"\n5. scale: {images:,} synthetic non-square JPEG images (32 x 42 and 42 x 32), 1,000 classes, "
-          f"R={regions}, top-5; records from a seeded generator (no teacher)", flush=True)
+          f"R={regions}, top-5; records from a seeded generator (no teacher); trainer in {nproc} process(es)",
+          flush=True)
     here = Path(__file__).resolve()
-    for call in (f"scale_write({str(path)!r}, {images}, {regions})", f"scale_train({str(path)!r}, {steps})"):
-        subprocess.run([sys.executable, "-c", f"import bench; bench.{call}"], cwd=here.parent, check=True)
+    if not is_label_file(path, images, regions):
+        subprocess.run([sys.executable, "-c", f"import bench; bench.scale_write({str(path)!r}, {images}, "
+                        f"{regions})"], cwd=here.parent, check=True)
+    train = [f"--nproc_per_node={nproc}", "--standalone"] if nproc > 1 else []
+    subprocess.run([sys.executable, *(["-m", "torch.distributed.run", *train] if train else []), "bench.py",
+                    "scale_train", str(path), f"--steps={steps}"], cwd=here.parent, check=True)
 
 
 def all(images=4000):
@@ -422,4 +462,5 @@ def all(images=4000):
 if __name__ == "__main__":
     import fire
     fire.Fire({"all": all, "labels": bench_labels, "loader": bench_loader, "step": bench_step,
-               "loss": bench_loss, "scale": scale, "build": bench_build})
+               "loss": bench_loss, "scale": scale, "scale_train": scale_train,
+               "build": bench_build})
