@@ -438,7 +438,6 @@ def scale(images=1_281_167, regions=300, steps=300, out="", nproc=1):
     the same size is reused), then measures the trainer on it, each part in its own process so each peak RSS
     is its own; with --nproc=P the trainer's part runs as P processes under torchrun, as on one node."""
     import subprocess
-    import sys
     path = Path(out) if out else scratch_dir() / "scale.beton"
     print(f"\n5. scale: {images:,} synthetic non-square JPEG images (32 x 42 and 42 x 32), 1,000 classes, "
           f"R={regions}, top-5; records from a seeded generator (no teacher); trainer in {nproc} process(es)",
@@ -447,9 +446,9 @@ def scale(images=1_281_167, regions=300, steps=300, out="", nproc=1):
     if not is_label_file(path, images, regions):
         subprocess.run([sys.executable, "-c", f"import bench; bench.scale_write({str(path)!r}, {images}, "
                         f"{regions})"], cwd=here.parent, check=True)
-    train = [f"--nproc_per_node={nproc}", "--standalone"] if nproc > 1 else []
-    subprocess.run([sys.executable, *(["-m", "torch.distributed.run", *train] if train else []), "bench.py",
-                    "scale_train", str(path), f"--steps={steps}"], cwd=here.parent, check=True)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] * (nproc > 1)
+    subprocess.run([sys.executable, *torchrun, "bench.py", "scale_train", str(path), f"--steps={steps}"],
+                   cwd=here.parent, check=True)
 
 
 def all(images=4000):

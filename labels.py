@@ -138,11 +138,11 @@ def teacher_probs(model, x, device, temperature):
 def teacher_topk(model, x, labels, R, k, device, temperature):
     """The teacher on a batch of B images' R regions + whole image, reduced on the device to what is stored:
     top-k probabilities and classes (B, R, k), p_gt (B, R) and the whole image's top-1 (B,), then copied to
-    the host (a GPU build copied all (B, R + 1, C) fp32 probabilities: 22 MB a batch at C = 21,843); and C."""
+    the host (a GPU build copied all (B, R + 1, C) fp32 probabilities: 22 MB a batch at C = 21,843)."""
     p = teacher_probs(model, x, device, temperature).view(len(labels), R + 1, -1)   # on the device
     top_p, top_i = p[:, :R].topk(k, dim=2)                                          # (B, R, k)
     gt = p[:, :R].gather(2, labels.to(p.device).view(-1, 1, 1).expand(-1, R, 1)).squeeze(2)  # (B, R) p_gt
-    return (*(t.cpu() for t in (top_p, top_i, gt, p[:, R].argmax(1))), p.shape[-1])
+    return tuple(t.cpu() for t in (top_p, top_i, gt, p[:, R].argmax(1)))
 
 
 def write_images(mode, ds, partial, state, key, R, D):
@@ -171,7 +171,7 @@ def write_images(mode, ds, partial, state, key, R, D):
     atomic_write(state / "build.json", lambda tmp: tmp.write_text(started))
 
 
-def label_chunks(c, model, teacher_id, device, partial, state, todo, chunk, rank0):
+def label_chunks(c, model, teacher_id, device, partial, state, todo, chunk, rank0, C):
     """Phase 2 on this rank's unfinished chunks: each image's region boxes and flips, a function of (seed,
     image index) only, in the pixels of the stored image; the teacher on every region and on the whole image,
     decoded by the student's own decoder; the records written into the file, then the chunk marked done."""
@@ -198,7 +198,7 @@ def label_chunks(c, model, teacher_id, device, partial, state, todo, chunk, rank
     t_chunks, n_done = time.time(), 0
     for images, labels, index in epoch_batches(loader, 0):
         x = to_model_input(images, device, teacher_id["mean"], teacher_id["std"])
-        top_p, top_i, gt, whole_top1, C = teacher_topk(model, x, labels, R, k, device, c.temperature)
+        top_p, top_i, gt, whole_top1 = teacher_topk(model, x, labels, R, k, device, c.temperature)
         idx = index.numpy().astype(np.int64)
         rec = pack_regions(qboxes[idx], flips[idx], top_i.numpy(), top_p.numpy(), gt.numpy(), C)
         for s, r in zip(slots[idx], rec):                                   # (R, D) records per image
@@ -286,7 +286,7 @@ def build(**flags):
         torch=torch.__version__)))
     t0 = time.time()
     result = run_chunks(c, key, ds, R, D, chunk, rank, world, lambda partial, state, todo: label_chunks(
-        c, model, teacher_id, device, partial, state, todo, chunk, rank == 0))
+        c, model, teacher_id, device, partial, state, todo, chunk, rank == 0, C))
     if result is None:
         return None
     partial, state, done = result
