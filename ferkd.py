@@ -860,8 +860,6 @@ def train(**flags):
         if tb is not None:
             tb.close()
     print0(json.dumps(metrics))
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return None
 
 # -----------------------------------------------------------------------------
@@ -901,8 +899,6 @@ def evaluate_checkpoint(**flags):
     acc = (100 * per_class[:, 0] / per_class[:, 2].clamp(min=1)).tolist()
     print0(json.dumps(dict(ckpt=str(c.ckpt), data=data, res=res, **metrics,
                            per_class_top1={name: round(a, 2) for name, a in zip(ds.classes, acc)})))
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @dataclass(frozen=True)

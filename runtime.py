@@ -26,7 +26,9 @@ class UserError(Exception):
 
 
 def run_cli(commands):
-    """fire.Fire over `commands`, turning UserError into one line on stderr and exit status 2."""
+    """fire.Fire over `commands`, turning UserError into one line on stderr and exit status 2. A process of
+    a torchrun group leaves it before exiting, on success or error: exiting inside gloo's group aborted the
+    process now and then ("terminate called without an active exception", 3 exits in 12 measured)."""
     import fire
     try:
         fire.Fire(commands)
@@ -38,6 +40,9 @@ def run_cli(commands):
             raise
         print(f"error: out of disk space: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def parse_config(cls, kwargs):
