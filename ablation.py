@@ -9,7 +9,7 @@ last checkpoint, so a study can be stopped and re-run across sessions):
     python ablation.py table --study=regime
     python ablation.py plot --study=regime  # per-epoch curves and top-1 against schedule length, one PNG
     python ablation.py run --study=regime --settings='["CE ls=0","online KD","FKD log code"]'  # issue 24 arms
-    python ablation.py table --study=regime --base="online KD"
+    python ablation.py table --study=regime --base="online KD" --ce="CE ls=0" --short  # the README's columns
 
 "small" (results/README.md): a small32 teacher trained with CE and label smoothing for 4 epochs on all
 60,000 training images (88.5% test top-1; the demo's teacher); its labels with 4 regions per image, top-5;
@@ -180,16 +180,20 @@ def paired(rows, name, base, epochs):
     return f"{mean_std(diff)} ({len(diff)})" if diff and name != base else ""
 
 
-def table(study="small", base="FKD", settings=None):
+def table(study="small", base="FKD", settings=None, ce="CE", short=False):
     """Markdown table: mean ± std of the final top-1 per setting and schedule, its seed-paired differences to
-    CE and to `base`, training seconds per epoch (clock stopped around evaluation; rows that recorded it), the
-    mean curve, and the setting's flags (each row's own, as it ran, are in the results)."""
+    `ce` and to `base`, training seconds per epoch (clock stopped around evaluation; rows that recorded it),
+    the mean curve, and the setting's flags (each row's own, as it ran, are in the results). `short`: the
+    full schedule only, without the schedule, run-count and curve columns (the README's table)."""
     rows = done(study)
-    print(f"| setting | epochs | runs | top-1 % (mean ± std) | Δ vs CE (paired) | Δ vs {base} (paired) "
-          "| train s/epoch | top-1 by epoch (mean) | flags |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    head = ["setting", "epochs", "runs", "top-1 % (mean ± std)", f"Δ vs {ce} (paired)",
+            f"Δ vs {base} (paired)", "train s/epoch", "top-1 by epoch (mean)", "flags"]
+    keep = [0, 3, 4, 5, 6, 8] if short else range(len(head))
+    print("| " + " | ".join(head[i] for i in keep) + " |")
+    print("|" + "---|" * len(keep))
     for name in settings or STUDIES[study]["settings"]:
-        for epochs in sorted({e for (n, _, e) in rows if n == name}, reverse=True):
+        lengths = sorted({e for (n, _, e) in rows if n == name}, reverse=True)
+        for epochs in lengths[:1] if short else lengths:
             got = runs_of(rows, name, epochs)
             curve = [statistics.mean(c) for c in zip(*[r["top1_per_epoch"] for r in got])]
             shown = range(1, len(curve) + 1) if len(curve) <= 8 else sorted(
@@ -197,9 +201,11 @@ def table(study="small", base="FKD", settings=None):
             by_epoch = " ".join(("" if len(curve) <= 8 else f"e{e}: ") + f"{curve[e - 1]:.1f}" for e in shown)
             flags = " ".join(STUDIES[study]["settings"][name])  # as the current code reads them
             seconds = [r["train_s_per_epoch"] for r in got if "train_s_per_epoch" in r]
-            print(f"| {name} | {epochs} | {len(got)} | {mean_std([r['top1'] for r in got])} | "
-                  f"{paired(rows, name, 'CE', epochs)} | {paired(rows, name, base, epochs)} | "
-                  f"{f'{statistics.mean(seconds):.1f}' if seconds else ''} | {by_epoch} | `{flags}` |")
+            top1 = mean_std([r["top1"] for r in got]) + (f" ({len(got)})" if short else "")
+            cells = [name, epochs, len(got), top1, paired(rows, name, ce, epochs),
+                     paired(rows, name, base, epochs), f"{statistics.mean(seconds):.1f}" if seconds else "",
+                     by_epoch, f"`{flags}`"]
+            print("| " + " | ".join(str(cells[i]) for i in keep) + " |")
 
 
 def plot(study="regime", out=None):
