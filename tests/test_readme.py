@@ -52,3 +52,19 @@ def test_readme_benchmark_commands_run(command, expect):
     p = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert expect in p.stdout, p.stdout[-2000:]
+
+
+def test_readme_study_table_reads_the_results(capsys):
+    """The README's study table is rows of `python ablation.py table --study=regime --base="online KD"
+    --ce="CE ls=0" --short` over results/study.jsonl as committed: a rerun or a new seed changes both."""
+    import ablation
+    ablation.table("regime", base="online KD", ce="CE ls=0", short=True)
+    made = capsys.readouterr().out.splitlines()
+    text = (ROOT / "README.md").read_text().splitlines()
+    assert made[0] in text, made[0]
+    rows = []
+    for line in text[text.index(made[0]) + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    assert len(rows) >= 5 and not set(rows) - set(made[2:]), set(rows) - set(made[2:])
