@@ -388,8 +388,6 @@ def scale_train(path, steps=300, batch=256, crops=1, workers=2):
     say(f"train start-up{who}: {t1 - t0:.0f} s, {memory()} (records {table.nbytes / 2**20:,.0f} MB)")
     if steps:
         scale_steps(header, table, c, choice, loader, steps, batch, crops, say, who)
-    if world > 1:
-        dist.destroy_process_group()
 
 
 def scale_steps(header, table, c, choice, loader, steps, batch, crops, say, who):
@@ -459,7 +457,7 @@ def all(images=4000):
 
 
 if __name__ == "__main__":
-    import fire
-    fire.Fire({"all": all, "labels": bench_labels, "loader": bench_loader, "step": bench_step,
+    from runtime import run_cli  # leaves scale_train's torchrun group on exit, as every command does
+    run_cli({"all": all, "labels": bench_labels, "loader": bench_loader, "step": bench_step,
                "loss": bench_loss, "scale": scale, "scale_train": scale_train,
                "build": bench_build})
