@@ -45,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-import fire
+from runtime import UserError, run_cli
 
 P_GT = ["--kd=ferkd", "--thresholds=p_gt"]  # stated, so the arms never follow --kd=ferkd's defaults
 FERKD = P_GT + ["--t_low=0.02", "--t_mid=0.2", "--t_top=0.995", "--eps=0.1"]
@@ -116,6 +116,20 @@ def git_revision():
     return rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no", "--", "*.py") else "")
 
 
+def chosen(study, names=None):
+    """The setting names `names` picks from `study` (one name or a list; None: every setting, in the
+    study's order). An unknown study or setting is one error line, not a study that runs the wrong
+    settings or none, or a table with an empty column."""
+    if study not in STUDIES:
+        raise UserError(f"no study {study!r}: the studies are {', '.join(STUDIES)}")
+    known = STUDIES[study]["settings"]
+    names = list(known) if names is None else [names] if isinstance(names, str) else list(names)
+    if unknown := [n for n in names if n not in known]:
+        raise UserError(f"study {study!r} has no setting {', '.join(map(repr, unknown))}: its settings are "
+                        + ", ".join(map(repr, known)))
+    return names
+
+
 def done(study):
     path = STUDIES[study]["results"]
     if not path.exists():
@@ -126,7 +140,7 @@ def done(study):
 
 def run(study="small", settings=None, seeds=SEEDS):
     """Train every (setting, seed, schedule) of `study` not yet in its results file; one line per run."""
-    s = STUDIES[study]
+    picked, s = chosen(study, settings), STUDIES[study]
     s["results"].parent.mkdir(exist_ok=True)
     teacher, labels = s["runs"] / "teacher", s["runs"] / "labels.beton"
     if not (teacher / "final.pt").exists():  # a run stopped part-way resumes from its last checkpoint
@@ -135,7 +149,7 @@ def run(study="small", settings=None, seeds=SEEDS):
     if not labels.exists():
         sh("labels.py", "build", "--data=fashion-mnist", f"--teacher={teacher / 'final.pt'}",
            f"--out={labels}", *s["labels"])
-    names = list(s["settings"]) if settings is None else [n for n in s["settings"] if n in settings]
+    names = [n for n in s["settings"] if n in picked]
     for seed in seeds:  # seeds outermost: an interrupted study still has every setting at seed 0
         for name in names:
             for fraction in (1.0, *s["schedules"].get(name, ())):
@@ -185,13 +199,15 @@ def table(study="small", base="FKD", settings=None, ce="CE", short=False):
     `ce` and to `base`, training seconds per epoch (clock stopped around evaluation; rows that recorded it),
     the mean curve, and the setting's flags (each row's own, as it ran, are in the results). `short`: the
     full schedule only, without the schedule, run-count and curve columns (the README's table)."""
+    chosen(study, [base, ce])  # the paired columns' bases
+    names = chosen(study, settings)
     rows = done(study)
     head = ["setting", "epochs", "runs", "top-1 % (mean ± std)", f"Δ vs {ce} (paired)",
             f"Δ vs {base} (paired)", "train s/epoch", "top-1 by epoch (mean)", "flags"]
     keep = [0, 3, 4, 5, 6, 8] if short else range(len(head))
     print("| " + " | ".join(head[i] for i in keep) + " |")
     print("|" + "---|" * len(keep))
-    for name in settings or STUDIES[study]["settings"]:
+    for name in names:
         lengths = sorted({e for (n, _, e) in rows if n == name}, reverse=True)
         for epochs in lengths[:1] if short else lengths:
             got = runs_of(rows, name, epochs)
@@ -215,10 +231,10 @@ def plot(study="regime", out=None):
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
-    rows, s = done(study), STUDIES[study]
+    names, rows, s = chosen(study), done(study), STUDIES[study]
     out = Path(out or s["results"].with_suffix(".png"))
     fig, (curves, schedules) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for name in s["settings"]:
+    for name in names:
         runs = [r["top1_per_epoch"] for r in runs_of(rows, name, s["epochs"])]
         if not runs:
             continue
@@ -250,4 +266,4 @@ def plot(study="regime", out=None):
 
 
 if __name__ == "__main__":
-    fire.Fire({"run": run, "table": table, "plot": plot})
+    run_cli({"run": run, "table": table, "plot": plot})

@@ -2,7 +2,11 @@
 differences."""
 import json
 
+import pytest
+
 import ablation
+from conftest import ROOT, cli
+from test_pipeline import one_error_line
 
 
 def test_table_pairs_runs_by_seed(tmp_path, monkeypatch, capsys):
@@ -25,3 +29,14 @@ def test_table_pairs_runs_by_seed(tmp_path, monkeypatch, capsys):
     assert cells["FKD"][1] == "1.50 ± 0.71 (2)", cells["FKD"]  # (90 - 89, 92 - 90); the means differ by 1.00
     assert cells["FKD"][2] == "1.00 ± 0.71 (2)", cells["FKD"]  # (90 - 89.5, 92 - 90.5)
     assert cells["online KD"][3] == "20.0" and cells["FKD"][3] == "10.0", cells
+
+
+@pytest.mark.parametrize("args, words", [
+    # a string was matched by substring: this one would have run "FKD" (its teacher first)
+    (["run", "--study=regime", "--settings=FKD log cod"], "has no setting 'FKD log cod'"),
+    (["table", "--study=regime", "--ce=CE ls=1"], "has no setting 'CE ls=1'"),  # an empty Δ column
+    (["table", "--study=regim"], "no study 'regim'")])
+def test_unknown_study_or_setting_is_one_error_line(args, words, tmp_path):
+    """Run away from the repository: a study that did start would fail at once, finding no ferkd.py there,
+    instead of training its teacher."""
+    assert words in one_error_line(cli(ROOT / "ablation.py", *args, cwd=tmp_path, check=False))
