@@ -10,8 +10,8 @@ On CPU, `ferkd_loss_torch` builds each region's (C,) target, mixes them and take
 autograd's gradient: what the method is, readable top to bottom. (A sparse CPU path that never built the
 target was measured at 0.65-1.0x of this dense way for C <= 1000 on 2 cores, eager or compiled, and was
 removed.) On CUDA the Triton kernel never builds the (B, C) target: each row's target is a constant plus
-M*K + 1 sparse entries, so the loss and its gradient take one pass over the logits for the log-sum-exp and
-one to write the gradient. The gradient is computed in the forward pass (the loss is terminal, as in
+M*K + 1 sparse entries, so the loss and its gradient read each row of logits once (twice, the second mostly
+from L2, when a row is wider than 4,096 classes) and write the gradient once. The gradient is computed in the forward pass (the loss is terminal, as in
 Liger-Kernel's cross-entropy) and scaled by the upstream gradient in backward. The tests check both against
 a float64 dense reference of their own.
 
@@ -81,7 +81,8 @@ def ferkd_loss_torch(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t
         hard.scatter_(2, target.long().view(B, 1, 1).expand(B, M, 1), 1 - eps)
         y_m = torch.where((p_gt.float() < t_mid)[..., None], hard, y_m)
     y = (a[..., None] * y_m).sum(1)                               # (B, C) the row's target (0 if none kept)
-    ce = -(y * torch.log_softmax(logits.float() / temperature, 1)).sum(1)
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # fp64 stays fp64
+    ce = -(y * torch.log_softmax(z, 1)).sum(1)
     return temperature**2 * ce.sum() / kept.sum().clamp_min(1.0)
 
 
@@ -103,6 +104,7 @@ def _ferkd_loss_kernel(
     norm_ptr,     # () fp32 N = max(#kept rows, 1), read on device so that the host never waits
     stride_row, C, eps, e, inv_rest, inv_t, t,   # e = eps/(C-1); inv_rest = 1/(C-K) or 0 if C = K
     M: tl.constexpr, K: tl.constexpr, M_P: tl.constexpr, K_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,      # C <= BLOCK_C: the row is read once and kept in registers
 ):
     b = tl.program_id(0).to(tl.int64)                             # int64: b * stride_row may exceed 2^31
     row = logits_ptr + b * stride_row
@@ -126,18 +128,27 @@ def _ferkd_loss_kernel(
     tgt = tl.load(target_ptr + b).to(tl.int64)
     y_sum = U * C + tl.sum(V) + H
 
-    # Pass 1: online log-sum-exp and sum of z over the row, in fp32.
-    mx = float("-inf")
-    d = 0.0
-    z_sum = 0.0
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        z = tl.load(row + c, mask=c < C, other=float("-inf")).to(tl.float32) * inv_t
-        mx_new = tl.maximum(mx, tl.max(z, axis=0))
-        d = d * tl.exp(mx - mx_new) + tl.sum(tl.exp(z - mx_new), axis=0)
-        mx = mx_new
-        z_sum += tl.sum(tl.where(c < C, z, 0.0), axis=0)
-    lse = mx + tl.log(d)
+    # Pass 1: log-sum-exp and sum of z over the row, in fp32. A row that fits one block (C <= BLOCK_C: C = 1000)
+    # stays in registers for pass 2, so the logits are read once; wider rows are read twice (the second time
+    # mostly from L2) with an online log-sum-exp.
+    if ONE_BLOCK:
+        c = tl.arange(0, BLOCK_C)
+        z_row = tl.load(row + c, mask=c < C, other=float("-inf")).to(tl.float32) * inv_t
+        mx = tl.max(z_row, axis=0)
+        lse = mx + tl.log(tl.sum(tl.exp(z_row - mx), axis=0))
+        z_sum = tl.sum(tl.where(c < C, z_row, 0.0), axis=0)
+    else:
+        mx = float("-inf")
+        d = 0.0
+        z_sum = 0.0
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            z = tl.load(row + c, mask=c < C, other=float("-inf")).to(tl.float32) * inv_t
+            mx_new = tl.maximum(mx, tl.max(z, axis=0))
+            d = d * tl.exp(mx - mx_new) + tl.sum(tl.exp(z - mx_new), axis=0)
+            mx = mx_new
+            z_sum += tl.sum(tl.where(c < C, z, 0.0), axis=0)
+        lse = mx + tl.log(d)
 
     z_I = tl.load(row + I, mask=I >= 0, other=0.0).to(tl.float32) * inv_t
     z_t = tl.load(row + tgt).to(tl.float32) * inv_t
@@ -147,11 +158,16 @@ def _ferkd_loss_kernel(
 
     # Pass 2: the dense part of the gradient, T (s sum_c y_c - U) / N, on every class...
     g_scale = t / norm
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        z = tl.load(row + c, mask=c < C, other=0.0).to(tl.float32) * inv_t
-        g = (tl.exp(z - lse) * y_sum - U) * g_scale
+    if ONE_BLOCK:
+        c = tl.arange(0, BLOCK_C)
+        g = (tl.exp(z_row - lse) * y_sum - U) * g_scale
         tl.store(grad_row + c, g.to(grad_ptr.dtype.element_ty), mask=c < C)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            z = tl.load(row + c, mask=c < C, other=0.0).to(tl.float32) * inv_t
+            g = (tl.exp(z - lse) * y_sum - U) * g_scale
+            tl.store(grad_row + c, g.to(grad_ptr.dtype.element_ty), mask=c < C)
     # ...then overwrite the M*K+1 sparse classes, after a barrier so that these stores land last. A class can
     # appear several times (in two regions, or as a top-k class and the true class): sum all its entries, so
     # that duplicates write the same value.
@@ -169,28 +185,24 @@ def _ferkd_loss_kernel(
 # Launcher
 # ------------------------------------------------------------------------------------------------------------
 
-
-def ferkd_loss_triton(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_mid, t_top, eps,
-                      temperature=1.0, block_c=None):
-    """(loss, d loss / d logits) of ferkd_loss_torch's loss, by the Triton kernel (CUDA, or TRITON_INTERPRET=1
-    on CPU tensors)."""
-    launch, row_loss, grad = kernel_launch(logits, topk_idx, topk_prob, p_gt, target, mix, t_low=t_low,
-                                           t_mid=t_mid, t_top=t_top, eps=eps, temperature=temperature,
-                                           block_c=block_c)
-    launch()
-    return row_loss.sum(), grad
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)    # logits the kernel reads (fp32 inside)
 
 
-def kernel_launch(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_mid, t_top, eps, temperature,
-                  block_c=None):
-    """The kernel's inputs made (region weights, N, outputs): (launch, row losses (B,), gradient (B, C)), where
-    launch() runs the kernel alone (what the benchmark times)."""
-    B, C = logits.shape
-    M, K = topk_idx.shape[1:]
+def kernel_weights(p_gt, mix, t_low, t_mid, t_top):
+    """The kernel's per-region inputs: soft and hard regions' renormalized weights, (B, M) fp32 each, and
+    N = max(#kept rows, 1) as a 0-d device tensor (no host sync). Plain torch ops outside the op, so that a
+    compiled step fuses them with its other small ops, as it fuses the definition's."""
     a, kept = region_weights(p_gt, mix, t_low, t_top)
     w_hard = torch.where(p_gt.float() < t_mid, a, 0.0)            # (B, M) 0 on soft and dropped regions
-    w_soft = a - w_hard                                           # (B, M) exact: a - a = 0 on hard ones
-    norm = kept.sum().clamp_min(1.0)                              # () N on device: no host sync
+    return a - w_hard, w_hard, kept.sum().clamp_min(1.0)          # a - a = 0 exactly on hard ones
+
+
+def kernel_launch(logits, topk_idx, topk_prob, w_soft, w_hard, target, norm, *, eps, temperature,
+                  block_c=None):
+    """(launch, row losses (B,), gradient (B, C)): the outputs allocated and launch() running the kernel alone
+    (what the benchmark times)."""
+    B, C = logits.shape
+    M, K = topk_idx.shape[1:]
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     grad = torch.empty((B, C), dtype=grad_dtype(logits.dtype), device=logits.device)
@@ -201,22 +213,36 @@ def kernel_launch(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_mi
             w_hard.contiguous(), target.contiguous(), norm, logits.stride(0), C, eps, eps / (C - 1),
             1.0 / (C - K) if C > K else 0.0, 1.0 / temperature, temperature)
     meta = dict(M=M, K=K, M_P=triton.next_power_of_2(M), K_P=triton.next_power_of_2(K), BLOCK_C=block_c,
-                num_warps=8 if block_c >= 2048 else 4)
+                ONE_BLOCK=C <= block_c, num_warps=8 if block_c >= 2048 else 4)
     return lambda: _ferkd_loss_kernel[(B,)](*args, **meta), row_loss, grad
 
 
+def ferkd_loss_triton(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_mid, t_top, eps,
+                      temperature=1.0, block_c=None):
+    """(loss, d loss / d logits) of ferkd_loss_torch's loss by the Triton kernel, without autograd (CUDA, or
+    TRITON_INTERPRET=1 on CPU tensors): what the tests and benchmarks call."""
+    weights = kernel_weights(p_gt, mix, t_low, t_mid, t_top)
+    launch, row_loss, grad = kernel_launch(logits, topk_idx, topk_prob, weights[0], weights[1], target,
+                                           weights[2], eps=eps, temperature=temperature, block_c=block_c)
+    launch()
+    return row_loss.sum(), grad
+
+
 # ------------------------------------------------------------------------------------------------------------
-# torch.library op: the Triton path as one opaque op with its gradient, which torch.compile(fullgraph=True)
-# traces through; opcheck-clean (tested under TRITON_INTERPRET=1)
+# torch.library op: the kernel as one opaque op with its gradient, which torch.compile(fullgraph=True) traces
+# through; opcheck-clean (tested under TRITON_INTERPRET=1). Only the kernel is inside: the region weights
+# before it and the sum of row losses after it are ordinary ops of the caller's graph.
 # ------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("ferkd::loss_fwd", mutates_args=())
-def _loss_fwd(logits: torch.Tensor, topk_idx: torch.Tensor, topk_prob: torch.Tensor, p_gt: torch.Tensor,
-              target: torch.Tensor, mix: torch.Tensor, t_low: float, t_mid: float, t_top: float, eps: float,
-              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return ferkd_loss_triton(logits, topk_idx, topk_prob, p_gt, target, mix, t_low=t_low, t_mid=t_mid,
-                             t_top=t_top, eps=eps, temperature=temperature)
+@torch.library.custom_op("ferkd::loss", mutates_args=())
+def _loss_op(logits: torch.Tensor, topk_idx: torch.Tensor, topk_prob: torch.Tensor, w_soft: torch.Tensor,
+             w_hard: torch.Tensor, target: torch.Tensor, norm: torch.Tensor, eps: float,
+             temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    launch, row_loss, grad = kernel_launch(logits, topk_idx, topk_prob, w_soft, w_hard, target, norm, eps=eps,
+                                           temperature=temperature)
+    launch()
+    return row_loss, grad
 
 
 def grad_dtype(dtype):
@@ -226,44 +252,53 @@ def grad_dtype(dtype):
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-@_loss_fwd.register_fake
-def _loss_fwd_fake(logits, *args):
-    return logits.new_empty((), dtype=torch.float32), torch.empty_like(logits, dtype=grad_dtype(logits.dtype))
+@_loss_op.register_fake
+def _loss_op_fake(logits, *args):
+    return (logits.new_empty(logits.shape[:1], dtype=torch.float32),
+            torch.empty_like(logits, dtype=grad_dtype(logits.dtype)))
 
 
-def _loss_fwd_setup_context(ctx, inputs, output):
+def _loss_op_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])                              # the gradient, computed in the forward
     ctx.mark_non_differentiable(output[1])                        # no second derivative through it
     ctx.logits_dtype = inputs[0].dtype
 
 
-def _loss_fwd_backward(ctx, grad_loss, _grad_of_grad):
-    (grad,) = ctx.saved_tensors                                   # scaled, then rounded to the logits' dtype
-    return ((grad * grad_loss).to(ctx.logits_dtype),) + (None,) * 10  # nothing flows to labels or thresholds
+def _loss_op_backward(ctx, grad_rows, _grad_of_grad):
+    """Row b's loss depends on row b's logits only: d(sum_b g_b loss_b) / d logits_b = g_b * grad_b. One
+    elementwise pass, which a compiled step fuses."""
+    (grad,) = ctx.saved_tensors
+    return ((grad * grad_rows[:, None]).to(ctx.logits_dtype),) + (None,) * 8  # none to labels or weights
 
 
-_loss_fwd.register_autograd(_loss_fwd_backward, setup_context=_loss_fwd_setup_context)
+_loss_op.register_autograd(_loss_op_backward, setup_context=_loss_op_setup_context)
 
 # ------------------------------------------------------------------------------------------------------------
 # Public API
 # ------------------------------------------------------------------------------------------------------------
 
 
-def ferkd_loss(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_mid, t_top, eps, temperature=1.0):
+def ferkd_loss(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_mid, t_top, eps, temperature=1.0,
+               kernel="auto"):
     """T^2 * mean over kept rows of CE(calibrated soft target, softmax(logits / T)); see the module docstring.
 
     logits (B, C) fp32/bf16/fp16; topk_idx (B, M, K) int; topk_prob (B, M, K) float, dequantized; p_gt (B, M)
     float; target (B,) int; mix (B, M) float, rows summing to 1 (M=1, mix=1 without SelfMix). Returns a 0-d
     fp32 tensor; the gradient reaches logits only. t_low=0, t_mid=0, t_top=1 gives plain FKD.
+    kernel: auto = the Triton kernel for CUDA logits of a dtype it reads (KERNEL_DTYPES), else the definition;
+    triton = the kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); torch = the definition.
     """
     B, C = logits.shape
     assert topk_idx.shape == topk_prob.shape and topk_idx.shape[0] == B, (topk_idx.shape, logits.shape)
     assert p_gt.shape == mix.shape == topk_idx.shape[:2] and target.shape == (B,), (p_gt.shape, target.shape)
     assert C >= 2 and topk_idx.shape[2] <= C and temperature > 0, (C, topk_idx.shape, temperature)
     assert t_low <= t_top, (t_low, t_top)                         # else region_weights' clamp misfiles
-    if logits.is_cuda:
-        return torch.ops.ferkd.loss_fwd(logits, topk_idx, topk_prob, p_gt, target, mix, float(t_low),
-                                        float(t_mid), float(t_top), float(eps), float(temperature))[0]
+    assert kernel in ("auto", "triton", "torch"), kernel
+    if kernel == "triton" or (kernel == "auto" and logits.is_cuda and logits.dtype in KERNEL_DTYPES):
+        w_soft, w_hard, norm = kernel_weights(p_gt, mix, t_low, t_mid, t_top)
+        row_loss, _ = torch.ops.ferkd.loss(logits, topk_idx, topk_prob, w_soft, w_hard, target, norm,
+                                           float(eps), float(temperature))
+        return row_loss.sum()
     return ferkd_loss_torch(logits, topk_idx, topk_prob, p_gt, target, mix, t_low=t_low, t_mid=t_mid,
                             t_top=t_top, eps=eps, temperature=temperature)
 
@@ -374,7 +409,9 @@ def kernel_vs_copy(B, C, M=2, K=10, dtype=torch.bfloat16, device="cuda"):
     its GB/s counting the logits read once and the gradient written, against a device copy of the same bytes
     (logits -> gradient buffer): dict(kernel_ms, kernel_gbps, copy_gbps)."""
     args = _device_batch(B, C, M, K, device, dtype)
-    launch, _, grad = kernel_launch(*args, t_low=0.2, t_mid=0.5, t_top=0.9, eps=0.1, temperature=1.0)
+    weights = kernel_weights(args[3], args[5], t_low=0.2, t_mid=0.5, t_top=0.9)
+    launch, _, grad = kernel_launch(*args[:3], weights[0], weights[1], args[4], weights[2], eps=0.1,
+                                    temperature=1.0)
     nbytes = args[0].numel() * args[0].element_size() + grad.numel() * grad.element_size()
     kernel_ms = triton.testing.do_bench(launch, return_mode="median")
     out = torch.empty_like(args[0])

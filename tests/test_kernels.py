@@ -219,7 +219,7 @@ def test_triton_kernel_in_interpreter(dtype):
 
 def kernel_checks(dtype, device):
     """The Triton kernel against the dense reference, on CUDA or (TRITON_INTERPRET=1) on CPU tensors."""
-    from kernels_triton import ferkd_loss_triton
+    from kernels_triton import ferkd_loss, ferkd_loss_triton, kernel_weights
 
     dtype = getattr(torch, dtype)
     # (B, C, K, M, case, T, block_c): block_c=256 makes C=1001 loop over 4 blocks with a ragged last one.
@@ -246,15 +246,31 @@ def kernel_checks(dtype, device):
     batch, th = make_batch(37, 1001, 5, 2, "mixed", seed=9, dtype=dtype)
     logits = batch["logits"].to(device).requires_grad_()
     labels = [batch[k].to(device) for k in ("topk_idx", "topk_prob", "p_gt", "target", "mix")]
-    loss = torch.ops.ferkd.loss_fwd(logits, *labels, th["t_low"], th["t_mid"], th["t_top"], 0.1, 2.0)[0]
+    loss = ferkd_loss(logits, *labels, **th, eps=0.1, temperature=2.0, kernel="triton")
     loss.backward(torch.tensor(0.37, device=device))
     ref_loss, ref_grad = dense_reference(**batch, **th, eps=0.1, temperature=2.0, grad_out=0.37)
     assert_matches(loss.detach().cpu(), logits.grad.cpu(), ref_loss, ref_grad, dtype, ulps=2)
     batch, th = make_batch(5, 33, 4, 2, "mixed", seed=1, dtype=dtype)
-    args = [batch[k].to(device) for k in ("logits", "topk_idx", "topk_prob", "p_gt", "target", "mix")]
-    args[0].requires_grad_()
-    thresholds = (th["t_low"], th["t_mid"], th["t_top"])
-    torch.library.opcheck(torch.ops.ferkd.loss_fwd.default, (*args, *thresholds, 0.1, 2.0))
+    logits, idx, prob, p_gt, target, mix = (batch[k].to(device) for k in ("logits", "topk_idx", "topk_prob",
+                                                                           "p_gt", "target", "mix"))
+    weights = kernel_weights(p_gt, mix, **th)
+    args = (logits.requires_grad_(), idx, prob, weights[0], weights[1], target, weights[2], 0.1, 2.0)
+    torch.library.opcheck(torch.ops.ferkd.loss.default, args)
+    # the kernel's path under torch.compile(fullgraph=True), as a compiled step traces it: no graph break,
+    # one graph, eager's loss and gradient (AOTAutograd traces the op's forward and backward)
+    from torch._dynamo.testing import CompileCounterWithBackend
+    batch, th = make_batch(8, 10, 3, 2, "mixed", seed=5, dtype=dtype)
+    labels = [batch[k].to(device) for k in ("topk_idx", "topk_prob", "p_gt", "target", "mix")]
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = lambda z, *labels: ferkd_loss(z * 2, *labels, **th, eps=0.1, temperature=2.0, kernel="triton")
+    results = []
+    for f in (fn, torch.compile(fn, fullgraph=True, backend=counter)):
+        z = batch["logits"].to(device).requires_grad_()
+        loss = f(z, *labels)
+        loss.backward()
+        results.append((loss.detach().cpu(), z.grad.cpu()))
+    assert counter.frame_count == 1, counter.frame_count
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
     print("kernel checks passed")
 
 
@@ -273,7 +289,7 @@ def edge_checks(device):
     under a GradScaler-like upstream gradient of 2^16: gradients below fp16's range before the scale must
     survive it (the kernel keeps fp16's gradient in fp32 until backward has scaled it). Top-k summing past 1:
     the other classes get 0, not a negative share."""
-    from kernels_triton import ferkd_loss_triton
+    from kernels_triton import ferkd_loss, ferkd_loss_triton
 
     for M in (1, 2):
         batch, th = make_batch(16, 10, 3, M, "mixed", seed=5)
@@ -295,7 +311,7 @@ def edge_checks(device):
                  p_gt=torch.full((B, 1), 0.5), target=torch.zeros(B, dtype=torch.long), mix=torch.ones(B, 1))
     x = batch["logits"].to(device).requires_grad_()
     labels = [batch[k].to(device) for k in ("topk_idx", "topk_prob", "p_gt", "target", "mix")]
-    loss = torch.ops.ferkd.loss_fwd(x, *labels, 0.0, 0.0, 1.0, 0.0, 1.0)[0]
+    loss = ferkd_loss(x, *labels, **FKD, eps=0.0, temperature=1.0, kernel="triton")
     loss.backward(torch.tensor(2.0**16, device=device))  # scaler.scale(loss).backward()
     _, ref = dense_reference(**batch, **FKD, eps=0.0, temperature=1.0, grad_out=2.0**16)
     assert x.grad.dtype == torch.float16 and (ref[:, 3:].abs() > 1e-6).all()
@@ -338,7 +354,8 @@ def test_triton_kernel_compiles_for_gpu(arch, dtype):
                  norm_ptr="*fp32", stride_row="i32", C="i32", eps="fp32", e="fp32", inv_rest="fp32",
                  inv_t="fp32", t="fp32")
     for M, K, block_c, warps in [(1, 5, 1024, 4), (2, 10, 4096, 8)]:
-        consts = dict(M=M, K=K, M_P=triton.next_power_of_2(M), K_P=triton.next_power_of_2(K), BLOCK_C=block_c)
+        consts = dict(M=M, K=K, M_P=triton.next_power_of_2(M), K_P=triton.next_power_of_2(K), BLOCK_C=block_c,
+                      ONE_BLOCK=block_c == 1024)
         signature = {name: types.get(name, "constexpr") for name in _ferkd_loss_kernel.arg_names}
         src = ASTSource(fn=_ferkd_loss_kernel, signature=signature, constexprs=consts)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
