@@ -102,6 +102,8 @@ class TrainConfig:
     amp: str = "auto"             # auto | true | false: autocast precision (models.autocast_dtype): auto =
                                   # bf16 on native-bf16 hardware, fp16 + GradScaler on older GPUs, else fp32
     compile: str = "auto"         # true | false | auto: torch.compile the model in place; auto = on CUDA only
+    loss_kernel: str = "auto"     # fkd/ferkd loss: auto = the Triton kernel on CUDA, the definition on CPU |
+                                  # triton | torch (kernels_triton.ferkd_loss; the same loss either way)
     ckpt_every: int = 1000        # steps between checkpoints (and one at each epoch's end); 0: epochs only
     keep_ckpts: int = 2           # how many of the newest ckpt-STEP.pt files to keep
     resume: bool = False          # insist on resuming (an error if run_dir holds no checkpoint)
@@ -124,7 +126,8 @@ NEUTRAL = dict(thresholds="p_gt", t_low=0.0, t_mid=0.0, t_top=1.0)  # every regi
 # Flags that may change between a run and its resumption: they do not change what is computed
 # (device: a run may move machines, at the price of bit-exactness; amp with it, since auto's precision
 # follows the device)
-RESUME_HARMLESS = {"run_dir", "num_workers", "device", "amp", "compile", "ckpt_every", "keep_ckpts", "resume",
+RESUME_HARMLESS = {"run_dir", "num_workers", "device", "amp", "compile", "loss_kernel", "ckpt_every",
+                   "keep_ckpts", "resume",
                    "overwrite", "tensorboard"}
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -170,6 +173,8 @@ def check_config(c):
                         "--epochs and --res_step >= 1")
     if not 0 < c.eval_ratio <= 1:
         raise UserError(f"--eval_ratio must be in (0, 1], got {c.eval_ratio}")
+    if c.loss_kernel not in ("auto", "triton", "torch"):
+        raise UserError(f"--loss_kernel takes auto, triton or torch, got {c.loss_kernel!r}")
     if c.compile.lower() not in (*BOOL_WORDS, "auto"):
         raise UserError(f"--compile takes true or false (or auto: on CUDA only), got {c.compile!r}")
     check_amp(c.amp)
@@ -274,7 +279,7 @@ def kd_loss(c, table, header):
                                                               labels[partner], logits.shape[1], c)
         mix = torch.stack([share, 1 - share], 1)
         return ferkd_loss(logits, ids, probs, pgt, labels, mix, t_low=c.t_low, t_mid=c.t_mid, t_top=c.t_top,
-                          eps=c.eps, temperature=temperature)
+                          eps=c.eps, temperature=temperature, kernel=c.loss_kernel)
     return loss
 
 
@@ -684,9 +689,14 @@ def make_model(c, num_classes, device, world, amp_dtype, peak_lr, state):
             scaler.load_state_dict(state["scaler"])    # starts a fresh scale
     compiled = use_compile(c, device)
     if compiled:  # in place: state_dict keys keep their names (no `_orig_mod.`); DDP then wraps the compiled
-        model.compile()  # module, never the reverse (compiling a DDP wrapper compiled nothing, NOTES.md). The
-        # all-reduce still overlaps the backward: inside DDP's forward dynamo splits the compiled graph at DDP's
-        # bucket boundaries (DDPOptimizer; tests/test_gpu_paths.py checks it)
+        # module, never the reverse (compiling a DDP wrapper compiled nothing, NOTES.md). The all-reduce still
+        # overlaps the backward: inside DDP's forward dynamo splits the compiled graph at DDP's bucket
+        # boundaries (DDPOptimizer; tests/test_gpu_paths.py checks it). dynamic=False: one static graph per
+        # input shape (each size of the ramp, evaluation's batch), never a dynamic-shape graph, which dynamo
+        # otherwise makes at the second shape it sees (slower kernels, sympy's warnings, and on a GPU a first
+        # evaluation that compiled 3 graphs); the recompile limit is raised so that no size falls back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        model.compile(dynamic=False)
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     return model, ddp, optimizer, scaler, compiled
 

@@ -101,6 +101,28 @@ def test_eval_compiles_one_graph_with_a_ragged_last_batch(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_make_model_compiles_one_static_graph_per_shape(monkeypatch):
+    """ferkd.make_model's compiled model: each input shape (a size of the ramp, evaluation's batch) gets its
+    own static graph. By default dynamo makes a dynamic-shape graph at the second shape it sees (on a GPU the
+    first evaluation compiled 3 graphs, with sympy's pow_by_natural warnings; issue 34)."""
+    graphs = []
+
+    def record(gm, example_inputs):  # the backend: is any input a symbolic size, or sized by one?
+        sizes = [d for x in example_inputs for d in (x.shape if isinstance(x, torch.Tensor) else [x])]
+        graphs.append(any(isinstance(d, torch.SymInt) for d in sizes))
+        return gm.forward
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *args, **kw: compile_module(self, *args, backend=record, **kw))
+    torch._dynamo.reset()
+    c = ferkd.TrainConfig(arch="small16", compile="true")
+    model = ferkd.make_model(c, 10, torch.device("cpu"), 1, None, 0.1, None)[0]
+    for batch, res in [(8, 32), (8, 24), (6, 24), (8, 32)]:  # training at two sizes, a smaller batch, back
+        model(torch.randn(batch, 3, res, res).contiguous(memory_format=torch.channels_last)).sum().backward()
+    assert graphs == [False, False, False], graphs  # three shapes, three static graphs, none for the 4th
+    torch._dynamo.reset()
+
+
 class HostCopies(TorchFunctionMode):
     """Records the size of each tensor handed to `.cpu()` (a no-op here, a device-to-host copy on a GPU)."""
 
