@@ -15,9 +15,12 @@ Benchmarks, each a ratio measured side by side in one run on the same machine (R
    teacher's place), then the trainer's start-up, steps and loader on it: seconds and peak resident memory.
 6. build: `labels.py build`'s crops/s against its teacher's pure forward, and its user/kernel time and page
    faults with glibc's default allocator and with freed memory kept (`python bench.py build`).
+7. loss_step: the fused loss inside the trainer's own step, --loss_kernel=triton against torch, alternating.
+8. kd_step: the trainer's step with stored labels (FKD) against online KD's teacher forward on every crop.
 No timing here is asserted by a test: the machines are shared and noisy; read the ratios.
 """
 import atexit
+import dataclasses
 import os
 import re
 import shutil
@@ -222,6 +225,162 @@ def bench_step(arch="small32", batch=256, res=32, steps=20, device="cpu", classe
                         for name, (r, w) in out.items()})
 
 
+def synthetic_labels(images, classes, regions=4, k=5, seed=0):
+    """A region table (images, regions, D) uint8 as labels.py writes it (random top-k, p_gt over [0, 1]) and
+    its header: stored labels for the trainer's own loss without a label file."""
+    import beton
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, classes, (images, regions, k))  # repeats allowed: the loss sums them
+    probs = rng.dirichlet(np.ones(k + 1), (images, regions))[..., :k]
+    table = beton.pack_regions(np.zeros((images, regions, 4), np.uint8), np.zeros((images, regions), bool), ids,
+                               probs, rng.random((images, regions)), classes)
+    return table, dict(regions=regions, k=k, temperature=1.0)
+
+
+def trainer_steps(arch, batch, res, classes, device, crops=2, compile=True, kd="fkd", kernels=("auto",),
+                  teachers=()):
+    """ferkd.py's own training step (make_model, make_train_step, its losses) on one synthetic batch already on
+    the device, with one student: {name: step()} for each --loss_kernel in `kernels` (stored labels, --kd=kd's
+    way of making the loss aside) and each online-KD teacher in `teachers` (torchvision resnet* or a models.py
+    arch, random weights, eval mode, eager), and the rows of a step. Every variant trains the same model, so
+    variants can alternate in blocks."""
+    import torchvision
+    import beton
+    import ferkd
+    import models
+    device = torch.device(device)
+    amp_dtype = models.autocast_dtype(device)[0]
+    table, header = synthetic_labels(batch, classes)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, crops, res, res, 3), generator=g, dtype=torch.uint8).to(device)
+    labels = torch.randint(0, classes, (batch,), generator=g).to(device)
+    index = torch.arange(batch)
+    choice = torch.stack([torch.randperm(4, generator=g)[:crops] for _ in range(batch)])
+    c = ferkd.TrainConfig(labels="synthetic", kd=kd, arch=arch, crops=crops, batch_size=batch,
+                          compile=str(compile).lower())
+    torch.manual_seed(0)
+    model, ddp, opt, scaler, _ = ferkd.make_model(c, classes, device, 1, amp_dtype, 0.1, None)
+    mix = ferkd.mix_batch(c, None)
+
+    def make(loss_fn):
+        step = ferkd.make_train_step(ddp, opt, scaler, loss_fn, mix, amp_dtype, device, crops)
+        return lambda: step(images, labels, index, choice)
+    steps = {kernel: make(
+        ferkd.stored_label_loss(dataclasses.replace(c, loss_kernel=kernel), table, header))
+             for kernel in kernels}
+    for name in teachers:
+        torch.manual_seed(0)
+        teacher = (getattr(torchvision.models, name)(num_classes=classes) if name.startswith("resnet") else
+                   models.build_model(name, classes)).to(device, memory_format=torch.channels_last)
+        kd = ferkd.TrainConfig(kd="kd", teacher=name, crops=crops, batch_size=batch)
+        steps[f"online KD, {name} teacher"] = make(ferkd.online_kd_loss(kd, teacher, dict(mean=beton.MEAN,
+                                                                                            std=beton.STD),
+                                                                         amp_dtype))
+    return steps, batch * crops
+
+
+def alternate(steps, blocks=6, per_block=10, sync=lambda: None):
+    """Seconds per step of each variant, timed in `blocks` rounds of `per_block` steps, the order reversed every
+    round (so that neither order nor the state of caches and clocks can favour one): the median round."""
+    names, times = list(steps), {name: [] for name in steps}
+    for name in names:  # warm-up: compiles, cuDNN's choices, the allocator
+        for _ in range(3):
+            steps[name]()
+    sync()
+    for round_ in range(blocks):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            t0 = time.time()
+            for _ in range(per_block):
+                steps[name]()
+            sync()
+            times[name].append((time.time() - t0) / per_block)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def bench_loss_step(arch="small16", batch=128, res=32, classes="10,1000", device="cpu", compile=False,
+                    blocks=6, per_block=10, figures=None, trace_dir=""):
+    """The fused loss inside the step `ferkd.py train` runs (compiled model, bf16, SelfMix, stored labels):
+    --loss_kernel=triton against torch (the definition), alternating in blocks in one process, at each class
+    count; rows/s and the ratio. With --trace_dir, a profiler table of 3 steps of each (CUDA time by kernel,
+    and the host syncs) is written there. On CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1):
+    a check that the comparison runs, not a speed. On a GPU:
+    `python bench.py loss_step --device=cuda --arch=resnet50 --res=224 --batch=256 --compile=true`."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = {}
+    for C in names(classes, int):
+        steps, rows = trainer_steps(arch, batch, res, C, device, compile=compile, kernels=("triton", "torch"))
+        seconds = alternate(steps, blocks, per_block, sync)
+        out[C] = {name: rows / s for name, s in seconds.items()}
+        if trace_dir:
+            profile_steps(steps, Path(trace_dir) / f"loss-step-{arch}-C{C}.txt", device, sync)
+    print(f"\n7. the fused loss in the trainer's step: {arch} at {res} px, {batch} images x 2 crops, FKD labels "
+          f"(k=5), SelfMix off, {'compiled' if compile else 'eager'}, {blocks} alternating blocks of {per_block} "
+          f"steps, {where(device)}")
+    print("| classes | kernel rows/s | definition rows/s | kernel / definition |\n|---|---|---|---|")
+    for C, r in out.items():
+        print(f"| {C:,} | {r['triton']:,.0f} | {r['torch']:,.0f} | {r['triton'] / r['torch']:.3f} |")
+    if figures is not None:
+        figures.update({C: dict(kernel_rows_per_s=round(r["triton"], 1), definition_rows_per_s=round(r["torch"], 1),
+                                ratio=round(r["triton"] / r["torch"], 4)) for C, r in out.items()})
+
+
+def profile_steps(steps, path, device, sync, n=3):
+    """torch.profiler over n steps of each variant: the top kernels by device time and the host's syncs."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for name, step in steps.items():
+            with profile(activities=activities) as prof:
+                for _ in range(n):
+                    step()
+                sync()
+            events = prof.key_averages()
+            syncs = {e.key: e.count for e in events if "Synchronize" in e.key or e.key == "cudaMemcpy"}
+            sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            f.write(f"== {name}: {n} steps; host syncs {syncs}\n{events.table(sort_by=sort, row_limit=25)}\n")
+
+
+def bench_kd_step(arch="small16", batch=128, res=32, classes=10, teachers="small32", device="cpu",
+                  compile=False, blocks=4, per_block=5, figures=None):
+    """What FKD saves: the trainer's step with stored labels (--kd=fkd) against online KD (--kd=kd), whose
+    teacher scores every crop (eval mode, no gradients, the step's autocast), one compiled student, alternating
+    blocks. The teachers run eager here (the trainer compiles them, which would narrow the gap). On a GPU:
+    `python bench.py kd_step --device=cuda --arch=resnet50 --res=224 --batch=128 --classes=1000
+    --teachers=resnet50,resnet152 --compile=true`."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    steps, rows = trainer_steps(arch, batch, res, classes, device, compile=compile,
+                                teachers=names(teachers))
+    steps["FKD (stored labels)"] = steps.pop("auto")
+    rates = {name: rows / s for name, s in alternate(steps, blocks, per_block, sync).items()}
+    fkd = rates["FKD (stored labels)"]
+    print(f"\n8. FKD against online KD in the trainer's step: {arch} student at {res} px, {batch} images x 2 "
+          f"crops, {classes} classes, {'compiled' if compile else 'eager'}, {blocks} alternating blocks of "
+          f"{per_block} steps, {where(device)}")
+    print("| step | rows/s | FKD's speed-up |\n|---|---|---|")
+    for name, r in rates.items():
+        print(f"| {name} | {r:,.0f} | {fkd / r:.2f}x |")
+    if figures is not None:
+        figures.update({name: dict(rows_per_s=round(r, 1), fkd_speedup=round(fkd / r, 3))
+                        for name, r in rates.items()})
+
+
+def names(value, kind=str):
+    """A comma-separated flag as a list: fire hands `--classes=10,1000` over as a tuple, `--classes=10` as an
+    int."""
+    items = value if isinstance(value, (tuple, list)) else str(value).split(",")
+    return [kind(v) for v in items]
+
+
+def where(device):
+    """The device in words, for a table's caption."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
 def bench_build(arch="small64", regions=16, batch=255, res=16):
     """`labels.py build` on digits (1,437 images x (R + 1) crops at `res` px) against the teacher's pure
     forward at the same batch, resolution and memory format; and where the build's CPU time goes (user and
@@ -399,7 +558,7 @@ def scale_steps(header, table, c, choice, loader, steps, batch, crops, say, who)
     model = models.build_model("small16", header["num_classes"]).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     step = ferkd.make_train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False),
-                                 ferkd.kd_loss(c, table, header), ferkd.mix_batch(c, None),
+                                 ferkd.stored_label_loss(c, table, header), ferkd.mix_batch(c, None),
                                  models.autocast_dtype(device)[0], device, crops)
     n, t2, batches = 0, time.time(), beton.epoch_batches(loader, 0)
     for images_u8, labels, index in batches:
@@ -459,5 +618,5 @@ def all(images=4000):
 if __name__ == "__main__":
     from runtime import run_cli  # leaves scale_train's torchrun group on exit, as every command does
     run_cli({"all": all, "labels": bench_labels, "loader": bench_loader, "step": bench_step,
-               "loss": bench_loss, "scale": scale, "scale_train": scale_train,
-               "build": bench_build})
+               "loss": bench_loss, "loss_step": bench_loss_step, "kd_step": bench_kd_step, "scale": scale,
+               "scale_train": scale_train, "build": bench_build})

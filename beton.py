@@ -89,9 +89,17 @@ QUANTIZATION = (f"uint16 top-k ids; a byte per probability, 2^(-1 - c/{LOG_STEPS
 
 
 def decode_probs(codes):
-    """Log codes (..., k) uint8 -> values (..., k) float32: 2^(-1 - c / LOG_STEPS), 0 for ZERO_CODE."""
-    c = codes.float()
-    return torch.where(codes == ZERO_CODE, 0.0, torch.exp2(-1 - c / LOG_STEPS))
+    """Log codes (..., k) uint8 -> values (..., k) float32: 2^(-1 - c / LOG_STEPS), 0 for ZERO_CODE. Looked up
+    in a table made once in float64 on the host, so every device decodes the same fp32 bits (a GPU's exp2 may
+    round differently from a CPU's: labels that differ by an ulp between devices)."""
+    return _decode_table(codes.device)[codes.long()]
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_table(device):
+    c = np.arange(256)
+    values = np.where(c == ZERO_CODE, 0.0, 2.0 ** (-1 - c / LOG_STEPS)).astype(np.float32)
+    return torch.from_numpy(values).to(device)
 
 
 def encode_probs(v):

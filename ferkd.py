@@ -259,7 +259,7 @@ def region_targets(table, k, index, choice, device, scores=None):
     return ids, probs, (pgt if scores is None else rec[:, -1].float() / 255)
 
 
-def kd_loss(c, table, header):
+def stored_label_loss(c, table, header):
     """Soft-label loss over stored regions through the fused FerKD loss (FKD: thresholds 0, 0, 1), at the
     temperature T the labels were built with: student logits / T, loss x T^2 (FKD, Hinton et al.).
     `partner`/`share` come from `mix_batch`: row r mixes its own region (weight share) with row
@@ -771,7 +771,8 @@ def train(**flags):
         loss_fn = online_kd_loss(c, teacher, teacher_id, amp_dtype)
     else:
         teacher_id = None
-        loss_fn = ce_loss(c.label_smoothing) if c.kd == "none" else kd_loss(c, data.table, data.header)
+        loss_fn = (ce_loss(c.label_smoothing) if c.kd == "none" else
+                   stored_label_loss(c, data.table, data.header))
     train_step = make_train_step(ddp, optimizer, scaler, loss_fn, mix_batch(c, generator), amp_dtype, device,
                                  c.crops)
     warmup = int(c.warmup_epochs * steps_per_epoch)

@@ -11,8 +11,9 @@ autograd's gradient: what the method is, readable top to bottom. (A sparse CPU p
 target was measured at 0.65-1.0x of this dense way for C <= 1000 on 2 cores, eager or compiled, and was
 removed.) On CUDA the Triton kernel never builds the (B, C) target: each row's target is a constant plus
 M*K + 1 sparse entries, so the loss and its gradient read each row of logits once (twice, the second mostly
-from L2, when a row is wider than 4,096 classes) and write the gradient once. The gradient is computed in the forward pass (the loss is terminal, as in
-Liger-Kernel's cross-entropy) and scaled by the upstream gradient in backward. The tests check both against
+from L2, when a row is wider than 4,096 classes) and write the gradient once. The gradient is computed in
+the forward pass (the loss is terminal, as in Liger-Kernel's cross-entropy) and scaled by the upstream
+gradient in backward. The tests check both against
 a float64 dense reference of their own.
 
 Legend: B rows, C classes, M regions mixed into a row (SelfMix; M=1 without it), K teacher top-k per region,

@@ -5,7 +5,7 @@ the compiler), so the script is known to start before a GPU is lent.
 
 FFCV is stubbed (`stub_ffcv`): the GPU machine has none (it compiles against libturbojpeg and OpenCV), and
 beton.py imports three of its classes at module level. Batches come from a synthetic source instead of a
-label file; everything else is the project's own code (ferkd.make_model, kd_loss, mix_batch,
+label file; everything else is the project's own code (ferkd.make_model, stored_label_loss, mix_batch,
 make_train_step, evaluate; labels.teacher_topk; kernels_triton; bench.bench_step).
 """
 import json
@@ -121,8 +121,8 @@ def trainer_step():
 
             def mix(x, n):
                 return tuple(t.to(device) for t in cpu_mix(x.cpu(), n))
-        step = ferkd.make_train_step(ddp, opt, scaler, ferkd.kd_loss(c, table, header), mix, amp_dtype,
-                                     device, c.crops)
+        step = ferkd.make_train_step(ddp, opt, scaler, ferkd.stored_label_loss(c, table, header), mix,
+                                     amp_dtype, device, c.crops)
         return model, step
 
     for name, flags in configs.items():
@@ -204,7 +204,7 @@ def nccl():
             torch.manual_seed(0)
             model, _, opt, scaler, _ = ferkd.make_model(c, 10, DEVICE, 1, None, 0.1, None)
             ddp = torch.nn.parallel.DistributedDataParallel(model) if world == 2 else model
-            step = ferkd.make_train_step(ddp, opt, scaler, ferkd.kd_loss(c, table, header),
+            step = ferkd.make_train_step(ddp, opt, scaler, ferkd.stored_label_loss(c, table, header),
                                          ferkd.mix_batch(c, None), None, DEVICE, c.crops)
             batch = (images.to(DEVICE), labels.to(DEVICE), index, choice)
             for _ in range(3):

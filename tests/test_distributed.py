@@ -98,7 +98,7 @@ def run(mode, ddp):
     model.eval()  # BatchNorm on running statistics: every row's loss depends on that row alone
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-5)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loss_fn = ferkd.ce_loss(0.1) if mode == "none" else ferkd.kd_loss(c, table, header)
+    loss_fn = ferkd.ce_loss(0.1) if mode == "none" else ferkd.stored_label_loss(c, table, header)
     init = torch.cat([p.detach().flatten() for p in model.parameters()])
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     step = ferkd.make_train_step(net, opt, scaler, loss_fn, ferkd.mix_batch(c, None), None, device, 1)

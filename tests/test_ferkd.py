@@ -182,8 +182,8 @@ def dense_kd_loss(table, k, C, labels, index, choice, logits, partner, share, T,
     ("ferkd", (0.1, 0.4, 0.9), "batch", 2.0, "p_gt"), ("ferkd", (0.1, 0.6, 0.9), "batch", 1.0, "rank"),
     ("ferkd", (0.0, 0.6, 1.0), "self", 1.0, "rank")])
 def test_kd_loss_is_its_definition(kd, thresholds, mix_source, T, by):
-    """The trainer's loss on stored records (ferkd.kd_loss: record gather, unpacking, the partner's label
-    under --mix_source, the loss at the header's temperature) against `dense_kd_loss` in float64. At neutral
+    """The trainer's loss on stored records (ferkd.stored_label_loss: record gather, unpacking, the partner's
+    label under --mix_source, the loss at the header's temperature) against `dense_kd_loss` in float64. At neutral
     thresholds --kd=ferkd must give FKD's loss; at others, hard regions train on the softened truth of their
     own image (the partner's class when it comes from another image) and dropped ones not at all."""
     N, R, k, C, n = 8, 3, 5, 10, 2
@@ -200,7 +200,7 @@ def test_kd_loss_is_its_definition(kd, thresholds, mix_source, T, by):
     partner = (rows // n) * n + (rows % n + 1) % n if mix_source == "self" else (rows + n) % (N * n)
     share = np.where(rng.random(N * n) < 0.5, 1.0, rng.random(N * n))
     logits = rng.normal(size=(N * n, C)) * 3
-    got = ferkd.kd_loss(c, table, dict(regions=R, k=k, temperature=T))(
+    got = ferkd.stored_label_loss(c, table, dict(regions=R, k=k, temperature=T))(
         None, torch.tensor(logits, dtype=torch.float32), torch.from_numpy(np.repeat(labels, n)),
         torch.from_numpy(index), torch.from_numpy(choice), torch.from_numpy(partner),
         torch.tensor(share, dtype=torch.float32))

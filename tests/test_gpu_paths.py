@@ -55,7 +55,7 @@ def test_stored_labels_reach_the_device_in_one_async_copy(thresholds):
     N, R, k, C, n = 8, 3, 5, 10, 2
     c = ferkd.TrainConfig(kd="ferkd", labels="x", crops=n, thresholds=thresholds, t_low=0.0, t_mid=0.3,
                           t_top=1.0, mix="cutmix", mix_prob=0.5)
-    loss_fn = ferkd.kd_loss(c, fake_table(N=N, R=R), dict(regions=R, k=k, temperature=1.0))
+    loss_fn = ferkd.stored_label_loss(c, fake_table(N=N, R=R), dict(regions=R, k=k, temperature=1.0))
     meta = torch.device("meta")
     rows = N * n
     index, choice = torch.arange(N), torch.randint(0, R, (N, n))
