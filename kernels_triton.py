@@ -38,6 +38,7 @@ Soft-target gradients shrink as 1/T^2, hence the T^2 factor (Hinton et al. 2015,
 a Neural Network", sec. 2); it is 1 at the FKD/FerKD default T = 1.
 """
 
+import functools
 import time
 
 import torch
@@ -199,9 +200,9 @@ def kernel_weights(p_gt, mix, t_low, t_mid, t_top):
 
 
 def kernel_launch(logits, topk_idx, topk_prob, w_soft, w_hard, target, norm, *, eps, temperature,
-                  block_c=None):
+                  block_c=None, num_warps=None):
     """(launch, row losses (B,), gradient (B, C)): the outputs allocated and launch() running the kernel alone
-    (what the benchmark times)."""
+    (what the benchmark times). block_c and num_warps override the defaults (kernel_sweep times others)."""
     B, C = logits.shape
     M, K = topk_idx.shape[1:]
     if logits.stride(1) != 1:
@@ -214,7 +215,7 @@ def kernel_launch(logits, topk_idx, topk_prob, w_soft, w_hard, target, norm, *, 
             w_hard.contiguous(), target.contiguous(), norm, logits.stride(0), C, eps, eps / (C - 1),
             1.0 / (C - K) if C > K else 0.0, 1.0 / temperature, temperature)
     meta = dict(M=M, K=K, M_P=triton.next_power_of_2(M), K_P=triton.next_power_of_2(K), BLOCK_C=block_c,
-                ONE_BLOCK=C <= block_c, num_warps=8 if block_c >= 2048 else 4)
+                ONE_BLOCK=C <= block_c, num_warps=num_warps or (8 if block_c >= 2048 else 4))
     return lambda: _ferkd_loss_kernel[(B,)](*args, **meta), row_loss, grad
 
 
@@ -403,6 +404,35 @@ def benchmark(reps=100):
         ms = [triton.testing.do_bench(fn, return_mode="median") for fn in fns]
         print(f"| {B} | {C} | {r['kernel_ms']:.4f} | {r['kernel_gbps']:.0f} | {r['copy_gbps']:.0f} | "
               f"{r['kernel_gbps'] / r['copy_gbps']:.2f} | {ms[0]:.4f} | {ms[1]:.4f} | {ms[2]:.4f} |")
+
+
+def kernel_sweep(B, C, dtype=torch.bfloat16, M=2, K=10, device="cuda",
+                 timer=lambda fn: triton.testing.do_bench(fn, return_mode="median")):
+    """The kernel alone at other (block_c, num_warps) than the defaults, for the GPU check to choose them from
+    measurements: [dict(block_c, num_warps, kernel_ms, grad_err_of_max)], the error against the default
+    launch's gradient (a variant that fails to compile gets its error instead). Wider rows also try one block of up to
+    32,768 columns (the row read once, kept in registers by 16 or 32 warps). `timer(fn)` -> ms."""
+    args = _device_batch(B, C, M, K, device, dtype)
+    weights = kernel_weights(args[3], args[5], t_low=0.2, t_mid=0.5, t_top=0.9)
+    run = functools.partial(kernel_launch, *args[:3], weights[0], weights[1], args[4], weights[2], eps=0.1,
+                            temperature=1.0)
+    launch, _, want = run()
+    launch()
+    wide = triton.next_power_of_2(C)
+    configs = ([(wide, w) for w in (1, 2, 4, 8, 16)] if wide <= 4096 else
+               [(b, w) for b in (2048, 4096, 8192) for w in (4, 8, 16)] +
+               [(wide, w) for w in (16, 32) if wide <= 32768])
+    out = []
+    for block_c, num_warps in configs:
+        try:
+            launch, _, grad = run(block_c=block_c, num_warps=num_warps)
+            launch()
+            err = float((grad.float() - want.float()).abs().max() / want.float().abs().max())
+            out.append(dict(block_c=block_c, num_warps=num_warps, grad_err_of_max=err,
+                            kernel_ms=round(timer(launch), 5)))
+        except Exception as e:  # e.g. out of registers or shared memory: reported, not fatal
+            out.append(dict(block_c=block_c, num_warps=num_warps, error=str(e).splitlines()[0][:200]))
+    return out
 
 
 def kernel_vs_copy(B, C, M=2, K=10, dtype=torch.bfloat16, device="cuda"):

@@ -77,7 +77,7 @@ def kernels():
             args = kt._device_batch(B, C, 2, min(10, C), DEVICE, dtype)
             loss, grad = kt.ferkd_loss_triton(*args, **th)
             ref_loss, ref_grad = kt._loss_and_grad(kt.ferkd_loss_torch, (args[0].float(),) + args[1:], **th)
-            loss_err = abs(float(loss) - float(ref_loss)) / max(abs(float(ref_loss)), 1e-12)
+            loss_err = abs(float(loss) - float(ref_loss.detach())) / max(abs(float(ref_loss.detach())), 1e-12)
             scale = float(ref_grad.abs().max())
             grad_err = float((grad.float() - ref_grad).abs().max()) / scale
             tol = 2e-5 if dtype == torch.float32 else 2 * 2**-8
@@ -85,6 +85,21 @@ def kernels():
             emit("kernel", B=B, C=C, dtype=str(dtype).split(".")[1], loss_rel_err=loss_err,
                  grad_err_of_max=grad_err, ok=loss_err < 2e-5 and grad_err < tol,
                  **{k: round(v, 4) for k, v in speed.items()})
+            if C != 10 and (dtype == torch.float32 or not DRY):  # issue 34 item 2: other launch configurations
+                sweep = kt.kernel_sweep(B, C, dtype, device=DEVICE, **dict(timer=wall_ms) if DRY else {})
+                done = [r for r in sweep if "error" not in r]
+                best = min(done, key=lambda r: r["kernel_ms"]) if done else {}
+                gbps = {} if DRY or not best else dict(
+                    best_gbps=round(speed["kernel_ms"] / best["kernel_ms"] * speed["kernel_gbps"], 1),
+                    default_ms=round(speed["kernel_ms"], 5), copy_gbps=round(speed["copy_gbps"], 1))
+                emit("kernel-sweep", B=B, C=C, dtype=str(dtype).split(".")[1], best=best, **gbps, configs=sweep,
+                     ok=bool(done) and all(r["grad_err_of_max"] < tol for r in done))
+
+
+def wall_ms(fn):
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def synthetic(N=64, R=8, k=5, C=10, res=32, crops=2, seed=0):

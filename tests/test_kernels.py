@@ -353,9 +353,10 @@ def test_triton_kernel_compiles_for_gpu(arch, dtype):
                  prob_ptr="*fp32", w_soft_ptr="*fp32", w_hard_ptr="*fp32", target_ptr="*i64",
                  norm_ptr="*fp32", stride_row="i32", C="i32", eps="fp32", e="fp32", inv_rest="fp32",
                  inv_t="fp32", t="fp32")
-    for M, K, block_c, warps in [(1, 5, 1024, 4), (2, 10, 4096, 8)]:
+    # a one-block row of 1,000 classes, a looped row, and kernel_sweep's widest: one block of 32,768 classes
+    for M, K, block_c, warps, one in [(1, 5, 1024, 4, True), (2, 10, 4096, 8, False), (2, 10, 32768, 16, True)]:
         consts = dict(M=M, K=K, M_P=triton.next_power_of_2(M), K_P=triton.next_power_of_2(K), BLOCK_C=block_c,
-                      ONE_BLOCK=block_c == 1024)
+                      ONE_BLOCK=one)
         signature = {name: types.get(name, "constexpr") for name in _ferkd_loss_kernel.arg_names}
         src = ASTSource(fn=_ferkd_loss_kernel, signature=signature, constexprs=consts)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
