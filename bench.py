@@ -656,8 +656,7 @@ def bench_loader_imagenet(images=2000, res="160,176,192,224", crops="1,4", worke
     """Rows/s of region replay (`ferkd.py train`'s loader: FFCV + RegionCrop) on ImageNet-like JPEGs stored
     as `labels.py build` stores an image folder (longest side <= 512, JPEG quality 90), at each --res,
     --crops and worker count; batches of `rows` rows (rows / crops images). RegionCrop decodes an image once
-    for all its crops, so a row costs 1 / crops JPEG decodes plus one crop-resize. Each loader warms up on
-    3 batches (FFCV's JIT), then `epochs` whole epochs are timed."""
+    for all its crops, so a row costs 1 / crops JPEG decodes plus one crop-resize (`replay_rate`)."""
     import beton
     d = scratch_dir()
     t0 = time.time()
@@ -675,32 +674,52 @@ def bench_loader_imagenet(images=2000, res="160,176,192,224", crops="1,4", worke
           f"{os.cpu_count()} cores, {cpu_name()}", flush=True)
     print("| res | crops | workers | rows/s | rows/s per worker | JPEG decodes per row |")
     print("|---|---|---|---|---|---|")
-    out, rng = [], np.random.default_rng(2)
+    out = []
     for r in names(res, int):
         for n in names(crops, int):
             for w in names(workers, int):
-                pick = np.argsort(rng.random((N, regions)), axis=1)[:, :n]  # n distinct stored regions
-                plan = np.ascontiguousarray(beton.region_plan(
-                    np.take_along_axis(qboxes, pick[..., None], 1), np.take_along_axis(flips, pick, 1),
-                    heights[:, None], widths[:, None]), np.int32)
-                loader = beton.region_loader(path, plan, r, max(1, rows // n), w, order="random")
-                warm = beton.epoch_batches(loader, 0)
-                for _ in zip(range(3), warm):  # FFCV's JIT of the pipeline, its threads
-                    pass
-                warm.close()
-                decoded = seen = 0
-                t1 = time.time()
-                for e in range(1, 1 + epochs):
-                    for imgs, _, _ in beton.epoch_batches(loader, e):
-                        decoded += imgs.shape[0]
-                        seen += imgs.shape[0] * imgs.shape[1]
-                rate = seen / (time.time() - t1)
+                rate, per_row = replay_rate(path, qboxes, flips, r, n, w, rows, epochs)
                 out.append(dict(res=r, crops=n, workers=w, rows_per_s=round(rate), per_worker=round(rate / w),
-                                decodes_per_row=round(decoded / seen, 3)))
-                print(f"| {r} | {n} | {w} | {rate:,.0f} | {rate / w:,.0f} | {decoded / seen:.2f} |",
-                      flush=True)
+                                decodes_per_row=round(per_row, 3)))
+                print(f"| {r} | {n} | {w} | {rate:,.0f} | {rate / w:,.0f} | {per_row:.2f} |", flush=True)
     if figures is not None:
         figures["rows"] = out
+
+
+def replay_rate(path, qboxes, flips, res, crops, workers, rows=256, epochs=1, seed=2):
+    """(rows/s, JPEG decodes per row) of `ferkd.py train`'s loader on the images of an FFCV file: per image,
+    `crops` distinct regions among its stored boxes `qboxes` (N, R, 4) uint8 and flips (N, R), batches of
+    `rows` rows (rows / crops images), `workers` FFCV threads. 3 batches warm up (FFCV's JIT of the
+    pipeline, its threads), then `epochs` whole epochs are timed."""
+    import beton
+    heights, widths = beton.image_sizes(path)
+    pick = np.argsort(np.random.default_rng(seed).random(flips.shape), axis=1)[:, :crops]  # distinct regions
+    plan = np.ascontiguousarray(beton.region_plan(
+        np.take_along_axis(qboxes, pick[..., None], 1), np.take_along_axis(flips, pick, 1), heights[:, None],
+        widths[:, None]), np.int32)
+    loader = beton.region_loader(path, plan, res, max(1, rows // crops), workers, order="random")
+    warm = beton.epoch_batches(loader, 0)
+    for _ in zip(range(3), warm):
+        pass
+    warm.close()
+    decoded = seen = 0
+    t0 = time.time()
+    for e in range(1, 1 + epochs):
+        for imgs, _, _ in beton.epoch_batches(loader, e):  # (B, crops, res, res, 3): B decodes
+            decoded += imgs.shape[0]
+            seen += imgs.shape[0] * imgs.shape[1]
+    return seen / (time.time() - t0), decoded / seen
+
+
+def build_rate(stdout, chunk, regions):
+    """Regions/s of a `labels.py build` from its log's chunk lines ("chunk c/n: X images/s, ..."), each the
+    mean rate since the first batch: the rate between the first chunk's end and the last full chunk's, which
+    leaves out FFCV's compile on the first batch (the last chunk may be partial). None under 3 chunks."""
+    lines = re.findall(r"chunk (\d+)/\d+: ([\d.]+) images/s", stdout)[:-1]
+    done = [(int(c) * chunk, int(c) * chunk / float(r)) for c, r in lines]  # (images, seconds) at its end
+    if len(done) < 2:
+        return None
+    return (done[-1][0] - done[0][0]) / (done[-1][1] - done[0][1]) * regions
 
 
 def cpu_name():
