@@ -652,15 +652,17 @@ def imagenet_like_folder(root, images=2000, classes=100, val=0, side=375):
 
 
 def bench_loader_imagenet(images=2000, res="160,176,192,224", crops="1,4", workers="1,2", rows=256,
-                          regions=16, epochs=1, figures=None):
+                          regions=16, epochs=1, side=375, figures=None):
     """Rows/s of region replay (`ferkd.py train`'s loader: FFCV + RegionCrop) on ImageNet-like JPEGs stored
     as `labels.py build` stores an image folder (longest side <= 512, JPEG quality 90), at each --res,
     --crops and worker count; batches of `rows` rows (rows / crops images). RegionCrop decodes an image once
-    for all its crops, so a row costs 1 / crops JPEG decodes plus one crop-resize (`replay_rate`)."""
+    for all its crops, so a row costs 1 / crops JPEG decodes plus one crop-resize (`replay_rate`). `side`: the
+    images' shorter side (ImageNet's typical 375; 4/3 of it the longer)."""
     import beton
     d = scratch_dir()
     t0 = time.time()
-    ds = beton.load_dataset(f"imagefolder:{imagenet_like_folder(d / 'folder', images)}", "train")
+    ds = beton.load_dataset(f"imagefolder:{imagenet_like_folder(d / 'folder', images, side=side)}",
+                            "train")
     N = len(ds.labels)
     jpeg_kb = np.mean([os.path.getsize(p) for p in ds.images]) / 1e3
     path = d / "imagenet-like.beton"
@@ -668,8 +670,8 @@ def bench_loader_imagenet(images=2000, res="160,176,192,224", crops="1,4", worke
     heights, widths = beton.image_sizes(path)
     qboxes = np.stack([beton.seeded_regions(0, i, regions, heights[i], widths[i])[0] for i in range(N)])
     flips = np.random.default_rng(1).random((N, regions)) < 0.5
-    print(f"\n9. region replay at ImageNet size: {N:,} photo-like JPEGs ({heights.max()} x {widths.max()} "
-          f"and {widths.max()} x {heights.max()}, {jpeg_kb:.0f} KB each at quality 90; set-up "
+    print(f"\n9. region replay at ImageNet size: {N:,} photo-like JPEGs ({heights[0]} x {widths[0]} "
+          f"and {heights[1]} x {widths[1]}, {jpeg_kb:.0f} KB each at quality 90; set-up "
           f"{time.time() - t0:.0f} s), R={regions} stored boxes, batches of {rows} rows, CPU: "
           f"{os.cpu_count()} cores, {cpu_name()}", flush=True)
     print("| res | crops | workers | rows/s | rows/s per worker | JPEG decodes per row |")
