@@ -670,8 +670,8 @@ def bench_loader_imagenet(images=2000, res="160,176,192,224", crops="1,4", worke
     heights, widths = beton.image_sizes(path)
     qboxes = np.stack([beton.seeded_regions(0, i, regions, heights[i], widths[i])[0] for i in range(N)])
     flips = np.random.default_rng(1).random((N, regions)) < 0.5
-    print(f"\n9. region replay at ImageNet size: {N:,} photo-like JPEGs ({heights[0]} x {widths[0]} "
-          f"and {heights[1]} x {widths[1]}, {jpeg_kb:.0f} KB each at quality 90; set-up "
+    print(f"\n9. region replay at ImageNet size: {N:,} photo-like JPEGs ({heights.min()} x {widths.max()} "
+          f"and {heights.max()} x {widths.min()}, {jpeg_kb:.0f} KB each at quality 90; set-up "
           f"{time.time() - t0:.0f} s), R={regions} stored boxes, batches of {rows} rows, CPU: "
           f"{os.cpu_count()} cores, {cpu_name()}", flush=True)
     print("| res | crops | workers | rows/s | rows/s per worker | JPEG decodes per row |")
