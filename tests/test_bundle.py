@@ -77,11 +77,13 @@ set_num_threads = lambda n: None  # noqa: E731
 get_num_threads = lambda: 1  # noqa: E731
 nn = types.ModuleType("torch.nn")
 nn.Module = type("Module", (), {})
+nn.functional = types.ModuleType("torch.nn.functional")
 utils = types.ModuleType("torch.utils")
 utils.data = types.ModuleType("torch.utils.data")
 utils.data.Dataset = type("Dataset", (), {})
 utils.data.DistributedSampler = type("DistributedSampler", (), {})
-sys.modules.update({"torch.nn": nn, "torch.utils": utils, "torch.utils.data": utils.data})
+sys.modules.update({"torch.nn": nn, "torch.nn.functional": nn.functional, "torch.utils": utils,
+                    "torch.utils.data": utils.data})
 '''
 
 # In the 3.12 child: write a small FFCV file of JPEGs with the bundle's FFCV, read it back with a Loader
@@ -89,6 +91,7 @@ sys.modules.update({"torch.nn": nn, "torch.utils": utils, "torch.utils.data": ut
 # where FFCV and the libraries it loaded came from.
 CHILD = r'''
 import json, os, sys, tempfile
+import cv2
 import numpy as np
 import ffcv
 import fire
@@ -103,15 +106,18 @@ images = [np.kron(rng.integers(0, 256, (6, 8, 3)), np.ones((8, 8, 1))).astype(np
 path = os.path.join(tempfile.mkdtemp(), "t.beton")
 DatasetWriter(path, {"image": RGBImageField(write_mode="jpg", jpeg_quality=95), "label": IntField()},
               num_workers=1).from_indexed_dataset([(im, i) for i, im in enumerate(images)])
-loader = Loader(path, batch_size=8, num_workers=2, order=OrderOption.SEQUENTIAL,
+loader = Loader(path, batch_size=8, num_workers=2, order=OrderOption.SEQUENTIAL, drop_last=False,
                 pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+# the oracle: OpenCV's decoder (the venv's wheel) on the bytes FFCV's writer stores (OpenCV's encoder, BGR)
+expected = [cv2.imdecode(cv2.imencode(".jpg", im[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1],
+                         cv2.IMREAD_COLOR)[..., ::-1] for im in images]
 errors, labels = [], []
 for x, y in loader:
     labels += y[:, 0].tolist()
-    errors += [float(np.abs(x[j].astype(int) - images[int(y[j, 0])]).mean()) for j in range(len(y))]
+    errors += [float(np.abs(x[j].astype(int) - expected[int(y[j, 0])]).mean()) for j in range(len(y))]
 maps = open("/proc/self/maps").read()
-libs = sorted({line.split()[-1] for line in maps.splitlines()
-               if "/" in line and any(n in line for n in ("turbojpeg", "opencv", "_libffcv"))})
+libs = sorted({line.split()[-1] for line in maps.splitlines() if "/" in line and os.path.basename(
+    line.split()[-1]).startswith(("libturbojpeg.", "libopencv_", "_libffcv."))})
 print(json.dumps(dict(ffcv=ffcv.__file__, fire=fire.__file__, labels=labels, mean_abs_error=max(errors),
                       libs=libs, python=sys.version.split()[0])))
 '''
@@ -173,7 +179,9 @@ def test_bundle_loads_and_decodes_under_bare_python312(bundle, python312, tmp_pa
     assert out["python"].startswith("3.12") and out["ffcv"].startswith(str(bundle / "python"))
     assert out["fire"].startswith(str(bundle / "python"))
     assert out["labels"] == list(range(20))
-    assert out["mean_abs_error"] < 4  # JPEG quality 95 of 8x8 blocks: a wrong or garbled decode is far off
+    # FFCV's TurboJPEG against OpenCV's decoder of the same bytes: 0.94 grey levels at most (their chroma
+    # upsampling differs); the pixels themselves, through JPEG, are ~9 off, a wrong image far more
+    assert out["mean_abs_error"] < 2
     lib = str((bundle / "lib").resolve())
     assert {Path(x).name.split(".so")[0] for x in out["libs"]} >= {"libturbojpeg", "libopencv_core",
                                                                    "libopencv_imgproc"}, out["libs"]
