@@ -8,9 +8,9 @@ is the ~900 MB CUDA build, too much for a test; FFCV imports torch, but a loader
 needs only a handful of its names, which a stand-in module gives (STAND_IN). The GPU machine has the real
 torch, and .ci/gpu_e2e.py runs the bundle with it there.
 
-Cost: the first run builds the bundle (FFCV's extension compiles in ~30 s) and the venv (~100 MB from PyPI);
-then both are reused (the bundle's stamp, the venv's) and the test takes ~20 s, most of it numba compiling
-FFCV's pipeline, so it stays in `make test`.
+Cost (2 cores): the first run builds the bundle (6 s: FFCV's one C++ file compiles fast) and the venv (11 s
+with pip's download cache warm; ~100 MB from PyPI when cold); then both are reused (the bundle's stamp, the
+venv's) and the tests take 5 s, so they stay in `make test`.
 """
 import json
 import os
