@@ -691,8 +691,10 @@ def bench_loader_imagenet(images=2000, res="160,176,192,224", crops="1,4", worke
 def replay_rate(path, qboxes, flips, res, crops, workers, rows=256, epochs=1, seed=2):
     """(rows/s, JPEG decodes per row) of `ferkd.py train`'s loader on the images of an FFCV file: per image,
     `crops` distinct regions among its stored boxes `qboxes` (N, R, 4) uint8 and flips (N, R), batches of
-    `rows` rows (rows / crops images), `workers` FFCV threads. 3 batches warm up (FFCV's JIT of the
-    pipeline, its threads), then `epochs` whole epochs are timed."""
+    `rows` rows (rows / crops images), `workers` FFCV threads. Epoch 0 warms up (FFCV's JIT of the pipeline,
+    its threads), then `epochs` whole epochs are timed. The warm-up reads its epoch to the end: closed early,
+    FFCV's pipeline thread can block forever on a full queue at the epoch's end (its last `put` has no
+    timeout), and `epoch_batches`' clean-up waits for that thread."""
     import beton
     heights, widths = beton.image_sizes(path)
     pick = np.argsort(np.random.default_rng(seed).random(flips.shape), axis=1)[:, :crops]  # distinct regions
@@ -700,10 +702,8 @@ def replay_rate(path, qboxes, flips, res, crops, workers, rows=256, epochs=1, se
         np.take_along_axis(qboxes, pick[..., None], 1), np.take_along_axis(flips, pick, 1), heights[:, None],
         widths[:, None]), np.int32)
     loader = beton.region_loader(path, plan, res, max(1, rows // crops), workers, order="random")
-    warm = beton.epoch_batches(loader, 0)
-    for _ in zip(range(3), warm):
+    for _ in beton.epoch_batches(loader, 0):
         pass
-    warm.close()
     decoded = seen = 0
     t0 = time.time()
     for e in range(1, 1 + epochs):
