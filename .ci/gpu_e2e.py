@@ -126,6 +126,8 @@ def main():
     import bench
     import beton
     import labels
+    import runtime
+    runtime.keep_freed_memory()  # as every command does at start-up: the pure figures under the same malloc
     device = torch.device("cpu" if DRY else "cuda")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     emit("e2e-ffcv", True, ffcv=str(Path(ffcv.__file__).parent), python=sys.version.split()[0],
