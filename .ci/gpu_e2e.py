@@ -64,16 +64,18 @@ def sane(ratio):
     return ratio is not None and (0 < ratio if DRY else TARGET <= ratio <= TOO_HIGH)
 
 
-def command(name, args, cap):
-    """Run `python ARGS` in the repository under a time cap (or what is left of the deadline); its output is
-    echoed and returned, or None."""
+def command(name, args, cap, cwd):
+    """Run `python SCRIPT ARGS` (a script of the repository) in `cwd` under a time cap (or what is left of the
+    deadline); its output is echoed and returned, or None. In `cwd`, since `ferkd.py train` caches the image
+    folder's splits in ./data (keyed by the folder's path: a new folder every run)."""
     t0 = time.time()
     cap = min(cap, DEADLINE - t0)
     if cap < 10:
         emit(name, False, skipped="no time left")
         return None
     try:
-        p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=cap)
+        p = subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd, capture_output=True,
+                           text=True, timeout=cap)
     except subprocess.TimeoutExpired as e:
         print((e.stdout or "")[-4000:], flush=True)
         emit(name, False, error=f"timed out after {cap} s")
@@ -163,7 +165,7 @@ def main():
     out = command("e2e-build", ["labels.py", "build", f"--data={data}", f"--teacher={spec}",
                                 f"--out={d / 'labels.beton'}", f"--regions={R}", f"--res={S['res']}",
                                 f"--batch_size={S['build_batch']}", f"--chunk={S['chunk']}",
-                                f"--num_workers={S['workers']}"], 300)
+                                f"--num_workers={S['workers']}"], 300, d)
     if out is not None:
         rate = bench.build_rate(out, S["chunk"], R)
         ratio = rate and rate / pure_build
@@ -194,7 +196,7 @@ def main():
               "--ckpt_every=0", "--tensorboard=false", f"--device={device.type}"]
     gpu = GpuUtilisation()
     out = command("e2e-train-fkd", ["ferkd.py", "train", "--kd=fkd", f"--labels={d / 'labels.beton'}",
-                                    f"--epochs={S['epochs']}", f"--run_dir={d / 'fkd'}", *common], 300)
+                                    f"--epochs={S['epochs']}", f"--run_dir={d / 'fkd'}", *common], 300, d)
     util = gpu.stop()
     if out is not None:
         lines = [json.loads(line) for line in out.splitlines() if line.startswith('{"epoch"')]
@@ -210,7 +212,7 @@ def main():
              first_step_s=epochs[0]["first_step_s"], arch=S["arch"], res=S["res"], rows_per_step=rows,
              loss=epochs[-1]["loss"])
     out = command("e2e-train-kd", ["ferkd.py", "train", "--kd=kd", f"--teacher={spec}", "--epochs=1",
-                                   f"--subset={S['kd_images']}", f"--run_dir={d / 'kd'}", *common], 240)
+                                   f"--subset={S['kd_images']}", f"--run_dir={d / 'kd'}", *common], 240, d)
     if out is not None:
         last = [json.loads(line) for line in out.splitlines() if line.startswith('{"epoch"')][-1]
         emit("e2e-train-kd", np.isfinite(last["loss"]), images_per_s=last["images_per_s"], loss=last["loss"],
