@@ -17,6 +17,8 @@ Benchmarks, each a ratio measured side by side in one run on the same machine (R
    faults with glibc's default allocator and with freed memory kept (`python bench.py build`).
 7. loss_step: the fused loss inside the trainer's own step, --loss_kernel=triton against torch, alternating.
 8. kd_step: the trainer's step with stored labels (FKD) against online KD's teacher forward on every crop.
+9. loader_imagenet: region replay's rows/s per core on ImageNet-like JPEGs (~500 x 375, quality 90) at
+   160-224 px, --crops=1 and 4, 1 and 2 workers (the README's cores per GPU come from it).
 No timing here is asserted by a test: the machines are shared and noisy; read the ratios.
 """
 import atexit
@@ -608,6 +610,128 @@ def scale(images=1_281_167, regions=300, steps=300, out="", nproc=1):
                    cwd=here.parent, check=True)
 
 
+# -----------------------------------------------------------------------------
+# 9. loader_imagenet: region replay's rate per core at ImageNet size (how many cores a GPU's step needs)
+
+def photo_like(i, height=375, width=500, amplitude=20.0):
+    """Image i of a synthetic photo set: a random colour plus Gaussian noise at five octaves (cells of 128
+    to 1 px, bilinear, the same amplitude at each: roughly the 1/f spectrum of photos). At amplitude 20 a
+    500 x 375 image is ~110 KB as JPEG quality 90, ImageNet-1k's mean file size (~140 GB / 1.28M), so
+    TurboJPEG has as many bits to decode per pixel as on real photos; a smooth image decodes much faster."""
+    import cv2
+    rng = np.random.default_rng(i)
+    img = rng.uniform(60, 200, 3).astype(np.float32) + np.zeros((height, width, 3), np.float32)
+    for cell in (128, 32, 8, 2, 1):
+        g = rng.normal(0, amplitude, (-(-height // cell) + 1, -(-width // cell) + 1, 3)).astype(np.float32)
+        img += cv2.resize(g, (g.shape[1] * cell, g.shape[0] * cell), interpolation=cv2.INTER_LINEAR)[:height,
+                                                                                                       :width]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _write_photo(args):
+    path, i, height, width = args
+    from PIL import Image
+    Image.fromarray(photo_like(i, height, width)).save(path, quality=90)
+
+
+def imagenet_like_folder(root, images=2000, classes=100, val=0, side=375):
+    """An ImageFolder (root/train/cCCC/*.jpg, root/val/...) of `photo_like` JPEGs (quality 90), landscape
+    (side x 4 side / 3) and portrait by turns, written on every core; `val` images per class in val/."""
+    import multiprocessing
+    root = Path(root)
+    jobs = []
+    for split, n in (("train", images), ("val", val * classes)):
+        for i in range(n):
+            folder = root / split / f"c{i % classes:03d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            h, w = (side, side * 4 // 3) if i % 2 == 0 else (side * 4 // 3, side)
+            jobs.append((folder / f"{i:06d}.jpg", i + (split == "val") * 10**6, h, w))
+    with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
+        pool.map(_write_photo, jobs, chunksize=16)
+    return root
+
+
+def bench_loader_imagenet(images=2000, res="160,176,192,224", crops="1,4", workers="1,2", rows=256,
+                          regions=16, epochs=1, side=375, figures=None):
+    """Rows/s of region replay (`ferkd.py train`'s loader: FFCV + RegionCrop) on ImageNet-like JPEGs stored
+    as `labels.py build` stores an image folder (longest side <= 512, JPEG quality 90), at each --res,
+    --crops and worker count; batches of `rows` rows (rows / crops images). RegionCrop decodes an image once
+    for all its crops, so a row costs 1 / crops JPEG decodes plus one crop-resize (`replay_rate`). `side`: the
+    images' shorter side (ImageNet's typical 375; 4/3 of it the longer)."""
+    import beton
+    d = scratch_dir()
+    t0 = time.time()
+    ds = beton.load_dataset(f"imagefolder:{imagenet_like_folder(d / 'folder', images, side=side)}",
+                            "train")
+    N = len(ds.labels)
+    jpeg_kb = np.mean([os.path.getsize(p) for p in ds.images]) / 1e3
+    path = d / "imagenet-like.beton"
+    beton.write_beton(path, ds)  # images only: the loader's cost does not depend on the label records
+    heights, widths = beton.image_sizes(path)
+    qboxes = np.stack([beton.seeded_regions(0, i, regions, heights[i], widths[i])[0] for i in range(N)])
+    flips = np.random.default_rng(1).random((N, regions)) < 0.5
+    print(f"\n9. region replay at ImageNet size: {N:,} photo-like JPEGs ({heights.min()} x {widths.max()} "
+          f"and {heights.max()} x {widths.min()}, {jpeg_kb:.0f} KB each at quality 90; set-up "
+          f"{time.time() - t0:.0f} s), R={regions} stored boxes, batches of {rows} rows, CPU: "
+          f"{os.cpu_count()} cores, {cpu_name()}", flush=True)
+    print("| res | crops | workers | rows/s | rows/s per worker | JPEG decodes per row |")
+    print("|---|---|---|---|---|---|")
+    out = []
+    for r in names(res, int):
+        for n in names(crops, int):
+            for w in names(workers, int):
+                rate, per_row = replay_rate(path, qboxes, flips, r, n, w, rows, epochs)
+                out.append(dict(res=r, crops=n, workers=w, rows_per_s=round(rate), per_worker=round(rate / w),
+                                decodes_per_row=round(per_row, 3)))
+                print(f"| {r} | {n} | {w} | {rate:,.0f} | {rate / w:,.0f} | {per_row:.2f} |", flush=True)
+    if figures is not None:
+        figures["rows"] = out
+
+
+def replay_rate(path, qboxes, flips, res, crops, workers, rows=256, epochs=1, seed=2):
+    """(rows/s, JPEG decodes per row) of `ferkd.py train`'s loader on the images of an FFCV file: per image,
+    `crops` distinct regions among its stored boxes `qboxes` (N, R, 4) uint8 and flips (N, R), batches of
+    `rows` rows (rows / crops images), `workers` FFCV threads. Epoch 0 warms up (FFCV's JIT of the pipeline,
+    its threads), then `epochs` whole epochs are timed. The warm-up reads its epoch to the end: closed early,
+    FFCV's pipeline thread can block forever on a full queue at the epoch's end (its last `put` has no
+    timeout), and `epoch_batches`' clean-up waits for that thread."""
+    import beton
+    heights, widths = beton.image_sizes(path)
+    pick = np.argsort(np.random.default_rng(seed).random(flips.shape), axis=1)[:, :crops]  # distinct regions
+    plan = np.ascontiguousarray(beton.region_plan(
+        np.take_along_axis(qboxes, pick[..., None], 1), np.take_along_axis(flips, pick, 1), heights[:, None],
+        widths[:, None]), np.int32)
+    loader = beton.region_loader(path, plan, res, max(1, rows // crops), workers, order="random")
+    for _ in beton.epoch_batches(loader, 0):
+        pass
+    decoded = seen = 0
+    t0 = time.time()
+    for e in range(1, 1 + epochs):
+        for imgs, _, _ in beton.epoch_batches(loader, e):  # (B, crops, res, res, 3): B decodes
+            decoded += imgs.shape[0]
+            seen += imgs.shape[0] * imgs.shape[1]
+    return seen / (time.time() - t0), decoded / seen
+
+
+def build_rate(stdout, chunk, regions):
+    """Regions/s of a `labels.py build` from its log's chunk lines ("chunk c/n: X images/s, ..."), each the
+    mean rate since the first batch: the rate between the first chunk's end and the last full chunk's, which
+    leaves out FFCV's compile on the first batch (the last chunk may be partial). None under 3 chunks."""
+    lines = re.findall(r"chunk (\d+)/\d+: ([\d.]+) images/s", stdout)[:-1]
+    done = [(int(c) * chunk, int(c) * chunk / float(r)) for c, r in lines]  # (images, seconds) at its end
+    if len(done) < 2:
+        return None
+    return (done[-1][0] - done[0][0]) / (done[-1][1] - done[0][1]) * regions
+
+
+def cpu_name():
+    """The CPU's model name (Linux), for a table's caption."""
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
 def all(images=4000):
     bench_labels()
     bench_loader(images=images)
@@ -619,4 +743,4 @@ if __name__ == "__main__":
     from runtime import run_cli  # leaves scale_train's torchrun group on exit, as every command does
     run_cli({"all": all, "labels": bench_labels, "loader": bench_loader, "step": bench_step,
                "loss": bench_loss, "loss_step": bench_loss_step, "kd_step": bench_kd_step, "scale": scale,
-               "scale_train": scale_train, "build": bench_build})
+               "scale_train": scale_train, "build": bench_build, "loader_imagenet": bench_loader_imagenet})
