@@ -50,6 +50,7 @@ import torch
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from kernels_triton import rest_share
 from runtime import UserError, atomic_write, on_all_ranks, on_rank0
 
 _torch_threads = torch.get_num_threads()
@@ -116,8 +117,8 @@ def pack_regions(qbox, flip, ids, probs, pgt, num_classes):
     """qbox (..., 4) uint8, flip (...) bool, ids (..., k) int, probs (..., k) float, pgt (...) float
     -> (..., 4 + 3k + 2) uint8 records (numpy), with the top-k sorted by probability. The code is chosen
     per region (see above); then any stored class that the trainer would recover below the rest's share
-    (1 - sum P) / (C - k) although it is above it in `probs` (a near tie, within a code step) is raised
-    until none is: the target keeps the teacher's order."""
+    (kernels_triton.rest_share) although it is above it in `probs` (a near tie, within a code step) is
+    raised until none is: the target keeps the teacher's order."""
     k = ids.shape[-1]
     p = np.asarray(probs, np.float64)
     order = np.argsort(-p, axis=-1, kind="stable")
@@ -133,10 +134,10 @@ def pack_regions(qbox, flip, ids, probs, pgt, num_classes):
     rec = np.concatenate([np.asarray(qbox, np.uint8), ids.astype(np.uint16).view(np.uint8).reshape(
         *ids.shape[:-1], 2 * k), codes, pgt, flags], axis=-1)
     slack = 2.0 ** -21 / max(num_classes - k, 1)  # 2 fp32 ulps of 1 - sum P: above it in any summation order
-    ordered = p >= rest[..., None] / max(num_classes - k, 1) - slack  # in `probs` (an FKD file may not be)
+    ordered = p >= rest_share(p, num_classes) - slack  # in `probs` (an FKD file may not be)
     for _ in range(4):  # near ties only
         got = unpack_regions(torch.from_numpy(rec), k)[1]          # (..., k) as the trainer recovers it
-        share = ((1 - got.sum(-1, keepdim=True)) / max(num_classes - k, 1)).numpy() + slack
+        share = rest_share(got, num_classes).numpy() + slack
         got = got.numpy()
         low = (got < share) & ordered                                # inversions the code made
         if not low.any():

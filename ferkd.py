@@ -50,7 +50,7 @@ from kernels_triton import ferkd_loss, region_category
 from models import (ARCHS, CHUNK_IMAGES, FERKD_DEFAULTS, PRECISION_NAMES, autocast_dtype, build_model,
                     check_teacher, check_thresholds, checkpoint_res, load_checkpoint, load_teacher,
                     region_categories, region_scores, save_checkpoint, threshold_defaults)
-from runtime import UserError, atomic_write, parse_config, print0, run_cli, setup_distributed
+from runtime import BOOL_WORDS, UserError, atomic_write, parse_config, print0, run_cli, setup_distributed
 
 # -----------------------------------------------------------------------------
 # Config
@@ -129,7 +129,6 @@ NEUTRAL = dict(thresholds="p_gt", t_low=0.0, t_mid=0.0, t_top=1.0)  # every regi
 RESUME_HARMLESS = {"run_dir", "num_workers", "device", "amp", "compile", "loss_kernel", "ckpt_every",
                    "keep_ckpts", "resume",
                    "overwrite", "tensorboard"}
-BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def check_config(c):

@@ -23,7 +23,7 @@ from torchvision.models.resnet import BasicBlock
 
 from beton import DATASETS, MEAN, STD
 from kernels_triton import region_category
-from runtime import UserError, atomic_write
+from runtime import BOOL_WORDS, UserError, atomic_write
 
 # -----------------------------------------------------------------------------
 # Models
@@ -228,7 +228,7 @@ def autocast_dtype(device, amp="auto"):
     (CPU), false: fp32. `is_bf16_supported()` alone counts emulated bf16 as supported, which would put a V100 or
     T4 on slow emulated bf16 instead of fp16."""
     amp = str(amp).lower()
-    if amp in ("false", "0", "no"):
+    if amp in BOOL_WORDS and not BOOL_WORDS[amp]:
         return None, "fp32 (--amp=false)"
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported(including_emulation=False):
