@@ -536,13 +536,17 @@ class RegionCrop(SimpleRGBImageDecoder):  # FFCV takes a pipeline's first op as 
     `plan` is an (N, n, 5) int32 array that the caller rewrites in place before each epoch (new regions);
     the compiled code reads it through its address, since numba would freeze a captured array. A stored JPEG
     that does not decode (TurboJPEG's status, which FFCV's own decoder ignores) sets `failed[0]` to its index
-    + 1, read by `epoch_batches` before it hands out a batch."""
+    + 1, a box that is empty or leaves its image `failed[1]`, read by `epoch_batches` before it hands out a
+    batch: OpenCV would abort the process on either (a C++ exception, no error line), and an exception
+    inside FFCV's pipeline thread would hang the loader, so nothing is left for them to refuse."""
 
     def __init__(self, plan, res):
         super().__init__()
         assert plan.dtype == np.int32 and plan.flags.c_contiguous and plan.ndim == 3 and plan.shape[2] == 5
-        self.plan, self.res = plan, res
-        self.failed = np.zeros(1, np.int64)
+        if not isinstance(res, (int, np.integer)) or res < 1:
+            raise UserError(f"a crop must be resized to at least 1 x 1 px, got res={res!r}")
+        self.plan, self.res = plan, int(res)
+        self.failed = np.zeros(2, np.int64)  # [image that did not decode, image with a bad box], index + 1
 
     def declare_state_and_memory(self, previous_state):
         from ffcv.pipeline.allocation_query import AllocationQuery
@@ -565,7 +569,7 @@ class RegionCrop(SimpleRGBImageDecoder):  # FFCV takes a pipeline's first op as 
         def decode(batch_indices, my_storage, metadata, storage_state):
             dst, tmp = my_storage
             plan = numba.carray(_voidptr(addr), shape, np.int32)
-            failed = numba.carray(_voidptr(failed_addr), (1,), np.int64)
+            failed = numba.carray(_voidptr(failed_addr), (2,), np.int64)
             for b in my_range(len(batch_indices)):
                 i = batch_indices[b]
                 field = metadata[i]
@@ -581,6 +585,9 @@ class RegionCrop(SimpleRGBImageDecoder):  # FFCV takes a pipeline's first op as 
                 for j in range(shape[1]):
                     top, left, bottom, right, flip = plan[i, j]
                     out = dst[b, j]
+                    if not (0 <= top < bottom <= height and 0 <= left < right <= width):
+                        failed[1] = i + 1  # OpenCV aborts on an empty or outside box: never call it
+                        continue
                     resize_crop_c(img, top, bottom, left, right, out)
                     if flip:
                         for y in range(out.shape[0]):
@@ -679,6 +686,10 @@ def epoch_batches(loader, epoch, skip=0):
             if loader.failed_image[0]:
                 raise UserError(f"image {loader.failed_image[0] - 1} of {loader.reader.file_name} does not "
                                 f"decode: the file is corrupt; rebuild it")
+            if loader.failed_image[1]:
+                raise UserError(f"a region box of image {loader.failed_image[1] - 1} of "
+                                f"{loader.reader.file_name} is empty or outside the image (a label file made "
+                                f"for other images?)")
             yield batch
         if batches.error is not None:
             raise UserError(f"the data loader failed ({type(batches.error).__name__}: {batches.error})")

@@ -92,6 +92,15 @@ def checkpoint_res(ckpt):
     data = ckpt["config"]["data"]
     return ckpt.get("res") or ckpt["config"].get("res") or DATASETS.get(data, dict(res=224))["res"]
 
+
+def checkpoint_eval(ckpt):
+    """(eval_res, eval_ratio): how the run that wrote a checkpoint evaluated it (its --eval_res, 0 meaning
+    the final training resolution, and --eval_ratio), for `ferkd.py eval` to score the recipe's number (the
+    ImageNet recipe trains at 192 px and evaluates at 256). Checkpoints store both since issue 32; older ones
+    hold them in their config, or predate --eval_ratio (224/256, its default then)."""
+    res = ckpt.get("eval_res") or ckpt["config"].get("eval_res") or checkpoint_res(ckpt)
+    return res, float(ckpt.get("eval_ratio") or ckpt["config"].get("eval_ratio") or 224 / 256)
+
 # -----------------------------------------------------------------------------
 # Teachers: any checkpoint of ours, torchvision's or timm's models, for `labels.py build` and online KD
 # (`ferkd.py train --kd=kd`)
