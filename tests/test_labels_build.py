@@ -141,7 +141,7 @@ def test_fidelity_of_the_label_code(built):
     ckpt, labels = built
     p = cli("labels.py", "fidelity", labels, f"--teacher={ckpt}", "--samples=600")
     r = json.loads(p.stdout.strip().splitlines()[-1])
-    assert r["samples"] == 600 and r["region_bytes"] == 21 <= 25
+    assert r["samples"] == 600 and r["region_bytes"] == 21  # 4 box + 2k ids + k codes + p_gt + flags, k = 5
     assert r["file"]["inverted"] == 0
     for stat in ("kl_mean", "kl_median"):
         assert r["exact_topk"][stat] <= r["file"][stat] <= 1.1 * r["fp16_topk"][stat], r
