@@ -177,7 +177,8 @@ def bench_step(arch="small32", batch=256, res=32, steps=20, device="cpu", classe
               torch.ones(batch, 1, device=device))                                  # p_gt, target, mix
     fkd = dict(t_low=0.0, t_mid=0.0, t_top=1.0, eps=0.0)
     out = {}
-    compile = str(compile).lower() in ("true", "1", "yes")  # fire passes --compile=false as the word 'false'
+    from runtime import BOOL_WORDS
+    compile = BOOL_WORDS.get(str(compile).lower(), False)  # fire passes --compile=false as the word 'false'
     variants = [("eager fp32", False, False, False), ("eager fp32 channels-last", False, False, True),
                 ("eager bf16 channels-last", False, True, True)]
     for name, compiled, amp, cl in variants + [("compiled bf16 channels-last", True, True, True)] * compile:

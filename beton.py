@@ -50,6 +50,7 @@ import torch
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from kernels_triton import rest_share
 from runtime import UserError, atomic_write, on_all_ranks, on_rank0
 
 _torch_threads = torch.get_num_threads()
@@ -116,8 +117,8 @@ def pack_regions(qbox, flip, ids, probs, pgt, num_classes):
     """qbox (..., 4) uint8, flip (...) bool, ids (..., k) int, probs (..., k) float, pgt (...) float
     -> (..., 4 + 3k + 2) uint8 records (numpy), with the top-k sorted by probability. The code is chosen
     per region (see above); then any stored class that the trainer would recover below the rest's share
-    (1 - sum P) / (C - k) although it is above it in `probs` (a near tie, within a code step) is raised
-    until none is: the target keeps the teacher's order."""
+    (kernels_triton.rest_share) although it is above it in `probs` (a near tie, within a code step) is
+    raised until none is: the target keeps the teacher's order."""
     k = ids.shape[-1]
     p = np.asarray(probs, np.float64)
     order = np.argsort(-p, axis=-1, kind="stable")
@@ -133,10 +134,10 @@ def pack_regions(qbox, flip, ids, probs, pgt, num_classes):
     rec = np.concatenate([np.asarray(qbox, np.uint8), ids.astype(np.uint16).view(np.uint8).reshape(
         *ids.shape[:-1], 2 * k), codes, pgt, flags], axis=-1)
     slack = 2.0 ** -21 / max(num_classes - k, 1)  # 2 fp32 ulps of 1 - sum P: above it in any summation order
-    ordered = p >= rest[..., None] / max(num_classes - k, 1) - slack  # in `probs` (an FKD file may not be)
+    ordered = p >= rest_share(p, num_classes) - slack  # in `probs` (an FKD file may not be)
     for _ in range(4):  # near ties only
         got = unpack_regions(torch.from_numpy(rec), k)[1]          # (..., k) as the trainer recovers it
-        share = ((1 - got.sum(-1, keepdim=True)) / max(num_classes - k, 1)).numpy() + slack
+        share = rest_share(got, num_classes).numpy() + slack
         got = got.numpy()
         low = (got < share) & ordered                                # inversions the code made
         if not low.any():
@@ -535,13 +536,17 @@ class RegionCrop(SimpleRGBImageDecoder):  # FFCV takes a pipeline's first op as 
     `plan` is an (N, n, 5) int32 array that the caller rewrites in place before each epoch (new regions);
     the compiled code reads it through its address, since numba would freeze a captured array. A stored JPEG
     that does not decode (TurboJPEG's status, which FFCV's own decoder ignores) sets `failed[0]` to its index
-    + 1, read by `epoch_batches` before it hands out a batch."""
+    + 1, a box that is empty or leaves its image `failed[1]`, read by `epoch_batches` before it hands out a
+    batch: OpenCV would abort the process on either (a C++ exception, no error line), and an exception
+    inside FFCV's pipeline thread would hang the loader, so nothing is left for them to refuse."""
 
     def __init__(self, plan, res):
         super().__init__()
         assert plan.dtype == np.int32 and plan.flags.c_contiguous and plan.ndim == 3 and plan.shape[2] == 5
-        self.plan, self.res = plan, res
-        self.failed = np.zeros(1, np.int64)
+        if not isinstance(res, (int, np.integer)) or res < 1:
+            raise UserError(f"a crop must be resized to at least 1 x 1 px, got res={res!r}")
+        self.plan, self.res = plan, int(res)
+        self.failed = np.zeros(2, np.int64)  # [image that did not decode, image with a bad box], index + 1
 
     def declare_state_and_memory(self, previous_state):
         from ffcv.pipeline.allocation_query import AllocationQuery
@@ -564,7 +569,7 @@ class RegionCrop(SimpleRGBImageDecoder):  # FFCV takes a pipeline's first op as 
         def decode(batch_indices, my_storage, metadata, storage_state):
             dst, tmp = my_storage
             plan = numba.carray(_voidptr(addr), shape, np.int32)
-            failed = numba.carray(_voidptr(failed_addr), (1,), np.int64)
+            failed = numba.carray(_voidptr(failed_addr), (2,), np.int64)
             for b in my_range(len(batch_indices)):
                 i = batch_indices[b]
                 field = metadata[i]
@@ -580,6 +585,9 @@ class RegionCrop(SimpleRGBImageDecoder):  # FFCV takes a pipeline's first op as 
                 for j in range(shape[1]):
                     top, left, bottom, right, flip = plan[i, j]
                     out = dst[b, j]
+                    if not (0 <= top < bottom <= height and 0 <= left < right <= width):
+                        failed[1] = i + 1  # OpenCV aborts on an empty or outside box: never call it
+                        continue
                     resize_crop_c(img, top, bottom, left, right, out)
                     if flip:
                         for y in range(out.shape[0]):
@@ -678,6 +686,10 @@ def epoch_batches(loader, epoch, skip=0):
             if loader.failed_image[0]:
                 raise UserError(f"image {loader.failed_image[0] - 1} of {loader.reader.file_name} does not "
                                 f"decode: the file is corrupt; rebuild it")
+            if loader.failed_image[1]:
+                raise UserError(f"a region box of image {loader.failed_image[1] - 1} of "
+                                f"{loader.reader.file_name} is empty or outside the image (a label file made "
+                                f"for other images?)")
             yield batch
         if batches.error is not None:
             raise UserError(f"the data loader failed ({type(batches.error).__name__}: {batches.error})")

@@ -48,9 +48,9 @@ from beton import (MEAN, STD, center_boxes, dataset_beton, epoch_batches, grid_b
                    to_model_input, unpack_regions, whole_image_plan)
 from kernels_triton import ferkd_loss, region_category
 from models import (ARCHS, CHUNK_IMAGES, FERKD_DEFAULTS, PRECISION_NAMES, autocast_dtype, build_model,
-                    check_teacher, check_thresholds, checkpoint_res, load_checkpoint, load_teacher,
-                    region_categories, region_scores, save_checkpoint, threshold_defaults)
-from runtime import UserError, atomic_write, parse_config, print0, run_cli, setup_distributed
+                    check_teacher, check_thresholds, checkpoint_eval, checkpoint_res, load_checkpoint,
+                    load_teacher, region_categories, region_scores, save_checkpoint, threshold_defaults)
+from runtime import BOOL_WORDS, UserError, atomic_write, parse_config, print0, run_cli, setup_distributed
 
 # -----------------------------------------------------------------------------
 # Config
@@ -77,7 +77,8 @@ class TrainConfig:
     res: int = 0                  # training resolution; 0: the label file's, or the dataset default (a stored
                                   # region is a box on the image: it is cut at any size)
     min_res: int = 0              # progressive resizing (ffcv-imagenet): train at min_res until --ramp_start,
-                                  # then rise linearly to --res at --ramp_end, rounded to --res_step; 0: off
+                                  # then rise linearly to --res at --ramp_end (rounded to --res_step between
+                                  # them, never outside [min_res, res]); 0: off
     ramp_start: int = 0           # epoch (0-based) where the ramp leaves min_res
     ramp_end: int = 0             # epoch where it reaches --res
     res_step: int = 32            # the ramp's resolutions are multiples of this (ImageNet: 32)
@@ -94,7 +95,9 @@ class TrainConfig:
     mix_prob: float = 0.0         # probability that a row is mixed
     mix_alpha: float = 1.0        # lambda ~ Beta(alpha, alpha): the share of the row's own region
     mix_source: str = "self"      # self: the other region of the same image (SelfMix) | batch: another image
-    subset: int = 0               # train on the first N images only (0: all); for quick runs
+    subset: int = 0               # train on N images only (0: all), for quick runs: a class-stratified sample
+                                  # (each class's share kept), a function of --seed alone, so the same images
+                                  # on every rank and on resume (`subset_images`)
     seed: int = 0
     run_dir: str = "runs/default"
     num_workers: int = 2          # FFCV decoding threads per process
@@ -129,7 +132,6 @@ NEUTRAL = dict(thresholds="p_gt", t_low=0.0, t_mid=0.0, t_top=1.0)  # every regi
 RESUME_HARMLESS = {"run_dir", "num_workers", "device", "amp", "compile", "loss_kernel", "ckpt_every",
                    "keep_ckpts", "resume",
                    "overwrite", "tensorboard"}
-BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def check_config(c):
@@ -171,6 +173,8 @@ def check_config(c):
     if c.min_res < 0 or (c.min_res and not ramp_ok):
         raise UserError("progressive resizing (--min_res > 0) needs 0 <= --ramp_start < --ramp_end <= "
                         "--epochs and --res_step >= 1")
+    if c.min_res and c.res and c.min_res > c.res:  # (a --res taken from the label file: training_data)
+        raise UserError(f"--min_res={c.min_res} is above --res={c.res}: the ramp rises from min_res to res")
     if not 0 < c.eval_ratio <= 1:
         raise UserError(f"--eval_ratio must be in (0, 1], got {c.eval_ratio}")
     if c.loss_kernel not in ("auto", "triton", "torch"):
@@ -178,6 +182,34 @@ def check_config(c):
     if c.compile.lower() not in (*BOOL_WORDS, "auto"):
         raise UserError(f"--compile takes true or false (or auto: on CUDA only), got {c.compile!r}")
     check_amp(c.amp)
+    check_flags_act(c)
+
+
+# Flags that act only in some modes: (flag, does it act under config c, where it acts). Set to anything but
+# its default where it does not act, a flag would be silently ignored: refused instead (issue 32).
+FLAGS_ACT = [
+    ("label_smoothing", lambda c: c.kd == "none", "--kd=none (the others learn a teacher's soft labels)"),
+    ("scale_min", lambda c: c.kd in ("none", "kd"),
+     "--kd=none or --kd=kd (fkd/ferkd replay the label file's stored regions)"),
+    ("ramp_start", lambda c: c.min_res > 0, "--min_res (progressive resizing)"),
+    ("ramp_end", lambda c: c.min_res > 0, "--min_res (progressive resizing)"),
+    ("res_step", lambda c: c.min_res > 0, "--min_res (progressive resizing)"),
+    ("eps", lambda c: c.kd == "ferkd" and c.t_mid > c.t_low,
+     "--kd=ferkd with hard regions (--t_mid > --t_low): it smooths their ground truth"),
+    ("mix_prob", lambda c: c.mix != "none", "--mix=cutmix or --mix=mixup"),
+    ("mix_alpha", lambda c: c.mix != "none", "--mix=cutmix or --mix=mixup"),
+    ("mix_source", lambda c: c.mix != "none", "--mix=cutmix or --mix=mixup"),
+]
+
+
+def check_flags_act(c):
+    """One error line for a flag set where it does nothing (FLAGS_ACT), and for a mix that mixes nothing."""
+    defaults = TrainConfig()
+    for name, acts, where in FLAGS_ACT:
+        if getattr(c, name) != getattr(defaults, name) and not acts(c):
+            raise UserError(f"--{name}={getattr(c, name)} acts only with {where}")
+    if c.mix != "none" and c.mix_prob == 0:
+        raise UserError(f"--mix={c.mix} with --mix_prob=0 mixes no row: set --mix_prob > 0")
 
 
 def check_amp(amp):
@@ -192,6 +224,22 @@ def use_compile(c, device):
 
 # -----------------------------------------------------------------------------
 # Data: which regions each epoch replays, and the targets the loss sees
+
+def subset_images(labels, n, seed):
+    """--subset=N: N image indices (sorted) drawn without replacement, each class keeping its share of the
+    dataset (largest remainders), a function of (labels, n, seed) only: every rank and every resumption
+    draws the same. The first N images of an image folder (sorted by class) were one or two classes."""
+    labels = np.asarray(labels)
+    if n >= len(labels):
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = n * counts / len(labels)
+    quota = np.floor(exact).astype(np.int64)
+    quota[np.argsort(-(exact - quota), kind="stable")[:n - quota.sum()]] += 1
+    rng = np.random.default_rng([seed, 1 << 21])  # its own stream: not the region plans' (seed, epoch, ...)
+    chosen = [rng.permutation(np.flatnonzero(labels == k))[:q] for k, q in zip(classes, quota)]
+    return np.sort(np.concatenate(chosen))
+
 
 def region_plans(c, header, table, heights, widths):
     """Returns (plan, fill(epoch) -> choice, kept image indices, region categories (N, R) or None).
@@ -395,11 +443,15 @@ def lr_at(step, total, warmup, peak):
 
 def res_at(c, epoch, res):
     """The training resolution of an epoch (0-based): `res` throughout, or with --min_res ffcv-imagenet's
-    ramp, np.interp(epoch, [ramp_start, ramp_end], [min_res, res]) rounded to a multiple of --res_step."""
-    if not c.min_res:
+    ramp (its get_resolution): min_res up to --ramp_start, `res` from --ramp_end on, and in between
+    np.interp(epoch, [ramp_start, ramp_end], [min_res, res]) rounded to a multiple of --res_step, kept
+    within [min_res, res] (rounding alone gave 0 px below res_step and 192 for res 200)."""
+    if not c.min_res or epoch >= c.ramp_end:
         return res
+    if epoch <= c.ramp_start:
+        return c.min_res
     ramp = np.interp(epoch, [c.ramp_start, c.ramp_end], [c.min_res, res])
-    return int(np.round(ramp / c.res_step)) * c.res_step
+    return int(min(max(np.round(ramp / c.res_step) * c.res_step, c.min_res), res))
 
 
 def make_train_step(model, optimizer, scaler, loss_fn, mix_fn, amp_dtype, device, crops):
@@ -595,8 +647,8 @@ def training_data(c, rank, world, device):
         raise UserError(f"--min_res={c.min_res} is above the training resolution {res} (--res)")
     heights, widths = image_sizes(train_path)
     plan, fill_plan, kept_images, category = region_plans(c, header, table, heights, widths)
-    if c.subset:
-        kept_images = kept_images[kept_images < c.subset]
+    if c.subset:  # drawn from all images, so every mode trains on the same ones (FerKD still drops some)
+        kept_images = np.intersect1d(kept_images, subset_images(ds.labels, c.subset, c.seed))
     if c.batch_size % world:
         raise UserError(f"--batch_size={c.batch_size} must divide among {world} processes")
     per_rank = c.batch_size // world
@@ -701,16 +753,148 @@ def make_model(c, num_classes, device, world, amp_dtype, peak_lr, state):
     return model, ddp, optimizer, scaler, compiled
 
 
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint saves besides the model, the optimizer and the random streams."""
+    step: int = 0                 # optimizer steps taken
+    history: list = dataclasses.field(default_factory=list)       # one metrics dict per finished epoch
+    epoch_losses: list = dataclasses.field(default_factory=list)  # this epoch's checked losses, so far
+    train_seconds: float = 0.0    # training time, evaluation and checkpointing excluded
+
+
 def resume(state, rank, generator, device):
-    """(step, history, epoch_losses, train_seconds) where the checkpoint `state` stopped, with every random
-    stream put back as it was (torch's, SelfMix's `generator`, CUDA's); zeros for a fresh start."""
+    """The Progress where the checkpoint `state` stopped, with every random stream put back as it was
+    (torch's, SelfMix's `generator`, CUDA's); a fresh Progress for a fresh start."""
     if state is None:
-        return 0, [], [], 0.0
+        return Progress()
     set_rng_states(state["rng"], rank, generator, device)
-    return tuple(state[k] for k in ("step", "history", "epoch_losses", "train_seconds"))
+    return Progress(*(state[k] for k in ("step", "history", "epoch_losses", "train_seconds")))
+
+
+def mix_generator(c, rank, device):
+    """SelfMix's random stream on `device`, seeded by a hash of (seed, rank): c.seed + 1000 * rank made seed s
+    on rank 1 the stream of seed s + 1000 on rank 0."""
+    seed = int(np.random.SeedSequence([c.seed, rank]).generate_state(1)[0])
+    return torch.Generator(device).manual_seed(seed)
+
+
+def choose_loss(c, data, device, compiled, amp_dtype):
+    """The mode, chosen once: (loss function, the online teacher's identity or None). The step calls the
+    function and never branches on flags."""
+    if c.kd == "none":
+        return ce_loss(c.label_smoothing), None
+    if c.kd in ("fkd", "ferkd"):
+        return stored_label_loss(c, data.table, data.header), None
+    teacher, teacher_id = load_teacher(c.teacher)
+    check_teacher(teacher, c.teacher, data.res, len(data.classes))
+    teacher.to(device, memory_format=torch.channels_last)
+    if compiled:
+        teacher.compile()
+    return online_kd_loss(c, teacher, teacher_id, amp_dtype), teacher_id
+
+
+def run_config(c, data, world, device, peak_lr, amp_dtype, compiled, step, teacher_id):
+    """The resolved config and the derived numbers: printed once and written as RUN_DIR/config.json."""
+    shares = data.region_shares and dict(zip(("dropped", "hard", "soft"), data.region_shares))
+    return dict(dataclasses.asdict(c), world_size=world, per_rank_batch=data.per_rank_batch,
+                rows_per_step=c.batch_size * c.crops, steps_per_epoch=data.steps_per_epoch,
+                total_steps=data.steps_per_epoch * c.epochs, peak_lr=peak_lr, train_res=data.res,
+                device=str(device), precision=PRECISION_NAMES[amp_dtype],
+                compiled=compiled, train_images=len(data.kept_images), num_classes=len(data.classes),
+                resumed_at_step=step, region_shares=shares, teacher_id=teacher_id, **run_metadata(device),
+                label_header=data.header)
+
+
+def start_log(c, run_dir, config, precision, progress, rank):
+    """Print the config (and where a resumed run stands); rank 0 writes config.json and the metrics so far
+    and returns the TensorBoard writer (or None)."""
+    print0(json.dumps({k: v for k, v in config.items() if k != "label_header"}))
+    print0(f"precision: {precision}")
+    if config["resumed_at_step"]:
+        step, per_epoch = progress.step, config["steps_per_epoch"]
+        print0(f"resuming {run_dir} at step {step} of {config['total_steps']} "
+               f"(epoch {step // per_epoch + 1}, batch {step % per_epoch})")
+    if rank != 0:
+        return None
+    atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
+    write_metrics(run_dir, progress.history)
+    return tensorboard_writer(c, run_dir, len(progress.history))
+
+
+def save_run(path, c, data, progress, model, optimizer, scaler, generator, device, rank):
+    """A checkpoint: a collective (every rank's random streams are gathered), rank 0 writes it and removes
+    the oldest ckpt-STEP.pt files beyond --keep_ckpts. It carries the evaluation settings, so that `ferkd.py
+    eval` scores what training logged (models.checkpoint_eval)."""
+    rng = rng_states(generator, device)
+    if rank != 0:
+        return
+    save_checkpoint(path, dict(
+        model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+        step=progress.step, epoch=progress.step // data.steps_per_epoch, steps_per_epoch=data.steps_per_epoch,
+        rng=rng, history=progress.history, epoch_losses=progress.epoch_losses,
+        train_seconds=progress.train_seconds, res=data.res, eval_res=c.eval_res or data.res,
+        eval_ratio=c.eval_ratio, config=dataclasses.asdict(c), label_header=data.header,
+        classes=data.classes))
+    for old in checkpoints(path.parent)[:-c.keep_ckpts]:
+        old.unlink(missing_ok=True)
+
+
+def last_good(run_dir):
+    """The checkpoint a stopped run can go back to, for finite_losses' error."""
+    ckpts = checkpoints(run_dir)
+    return str(ckpts[-1]) if ckpts else "none (no checkpoint was saved yet)"
+
+
+def epoch_res(c, epoch, data_res, res, compiled):
+    """This epoch's training resolution (`res_at`), announced when it changes."""
+    new = res_at(c, epoch, data_res)
+    if new != res:  # progressive resizing: a new size (compiled: a new graph)
+        print0(f"epoch {epoch + 1}: training at {new} px" + (" (torch.compile recompiles once for it)"
+                                                             if compiled and epoch else ""))
+    return new
+
+
+def progress_bar(c, epoch, images, rank):
+    return tqdm(total=images, unit="img", unit_scale=True, leave=False, desc=f"epoch {epoch + 1}/{c.epochs}",
+                disable=rank != 0 or not sys.stderr.isatty())
+
+
+def epoch_metrics(data, epoch, progress, test, lr, steps, seconds, first_step_seconds, rows, choice):
+    """The line logged at an epoch's end: loss, test metrics, the clock, and with stored labels the FerKD
+    categories of the regions replayed this epoch (all ranks' images)."""
+    losses = progress.epoch_losses
+    metrics = dict(epoch=epoch + 1, loss=math.fsum(losses) / len(losses), **test, lr=lr,
+                   train_seconds=round(progress.train_seconds, 1),
+                   images_per_s=round(steps_per_s(steps, seconds, first_step_seconds) * rows, 1),
+                   first_step_s=round(first_step_seconds, 2))
+    if choice is not None:
+        kept = data.kept_images
+        replayed = data.category[kept[:, None], choice[kept]]
+        metrics.update(hard_regions=int((replayed == 1).sum()), soft_regions=int((replayed == 2).sum()))
+    return metrics
+
+
+def log_epoch(run_dir, history, tb, rank):
+    """Rank 0 rewrites metrics.jsonl/.csv and adds the epoch's scalars to TensorBoard."""
+    if rank != 0:
+        return
+    write_metrics(run_dir, history)
+    if tb is not None:
+        for key, value in history[-1].items():
+            if key != "epoch":
+                tb.add_scalar(key, value, history[-1]["epoch"])
+        tb.flush()
+
+
+def finish_log(run_dir, metrics, tb, rank):
+    if rank == 0:
+        atomic_write(run_dir / "final.json", lambda p: p.write_text(json.dumps(metrics)))
+        if tb is not None:
+            tb.close()
 
 
 def steps_per_s(steps, seconds, first_step_seconds):
+
     """An epoch's steady rate: its first step (where a compiled model compiles) left out, if it has others."""
     return (steps - 1) / (seconds - first_step_seconds) if steps > 1 else steps / seconds
 
@@ -755,121 +939,61 @@ def train(**flags):
     (amp_dtype, precision), peak_lr = autocast_dtype(device, c.amp), c.lr * c.batch_size * c.crops / 256
     model, ddp, optimizer, scaler, compiled = make_model(c, len(data.classes), device, world, amp_dtype,
                                                          peak_lr, state)
-    # SelfMix's stream is seeded by a hash of (seed, rank): c.seed + 1000 * rank made seed s on rank 1 the
-    # stream of seed s + 1000 on rank 0
-    mix_seed = int(np.random.SeedSequence([c.seed, rank]).generate_state(1)[0])
-    generator = torch.Generator(device).manual_seed(mix_seed)
-    step, history, epoch_losses, t_train = resume(state, rank, generator, device)
+    generator = mix_generator(c, rank, device)
+    run = resume(state, rank, generator, device)
 
     # the mode, chosen once: the loss and the mixing are functions, the step never branches on flags
-    if c.kd == "kd":
-        teacher, teacher_id = load_teacher(c.teacher)
-        check_teacher(teacher, c.teacher, data.res, len(data.classes))
-        teacher.to(device, memory_format=torch.channels_last)
-        if compiled:
-            teacher.compile()
-        loss_fn = online_kd_loss(c, teacher, teacher_id, amp_dtype)
-    else:
-        teacher_id = None
-        loss_fn = (ce_loss(c.label_smoothing) if c.kd == "none" else
-                   stored_label_loss(c, data.table, data.header))
+    loss_fn, teacher_id = choose_loss(c, data, device, compiled, amp_dtype)
     train_step = make_train_step(ddp, optimizer, scaler, loss_fn, mix_batch(c, generator), amp_dtype, device,
                                  c.crops)
     warmup = int(c.warmup_epochs * steps_per_epoch)
 
     # what reproducing the run needs, printed once and written beside it
-    shares = data.region_shares and dict(zip(("dropped", "hard", "soft"), data.region_shares))
-    config = dict(dataclasses.asdict(c), world_size=world, per_rank_batch=data.per_rank_batch,
-                  rows_per_step=c.batch_size * c.crops, steps_per_epoch=steps_per_epoch,
-                  total_steps=total_steps, peak_lr=peak_lr, train_res=data.res, device=str(device),
-                  precision=PRECISION_NAMES[amp_dtype], compiled=compiled, train_images=len(data.kept_images),
-                  num_classes=len(data.classes), resumed_at_step=step, region_shares=shares,
-                  teacher_id=teacher_id,
-                  **run_metadata(device), label_header=data.header)
-    print0(json.dumps({k: v for k, v in config.items() if k != "label_header"}))
-    print0(f"precision: {precision}")
-    if state is not None:
-        print0(f"resuming {run_dir} at step {step} of {total_steps} (epoch {step // steps_per_epoch + 1}, "
-               f"batch {step % steps_per_epoch})")
-    tb = None
-    if rank == 0:
-        atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
-        write_metrics(run_dir, history)
-        tb = tensorboard_writer(c, run_dir, len(history))
-
-    def checkpoint(path):  # a collective (RNG states are gathered): every rank calls it, rank 0 writes
-        rng = rng_states(generator, device)
-        if rank == 0:
-            save_checkpoint(path, dict(
-                model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                step=step, epoch=step // steps_per_epoch, steps_per_epoch=steps_per_epoch, rng=rng,
-                history=history, epoch_losses=epoch_losses, train_seconds=t_train, res=data.res,
-                config=dataclasses.asdict(c), label_header=data.header, classes=data.classes))
-            for old in checkpoints(run_dir)[:-c.keep_ckpts]:
-                old.unlink(missing_ok=True)
-
-    def last_good():
-        ckpts = checkpoints(run_dir)
-        return str(ckpts[-1]) if ckpts else "none (no checkpoint was saved yet)"
+    config = run_config(c, data, world, device, peak_lr, amp_dtype, compiled, run.step, teacher_id)
+    tb = start_log(c, run_dir, config, precision, run, rank)
+    checkpoint = functools.partial(save_run, c=c, data=data, progress=run, model=model, optimizer=optimizer,
+                                   scaler=scaler, generator=generator, device=device, rank=rank)
 
     # train: epochs of steps, a checkpoint every --ckpt_every steps and at each epoch's end
     rows = c.batch_size * c.crops
-    metrics = history[-1] if history else {}
+    metrics = run.history[-1] if run.history else {}
     res = None
-    for epoch in range(step // steps_per_epoch, c.epochs):
+    for epoch in range(run.step // steps_per_epoch, c.epochs):
         choice = data.fill_plan(epoch)
-        skip = step - epoch * steps_per_epoch
-        if res_at(c, epoch, data.res) != res:  # progressive resizing: a new size (compile: a new graph)
-            res = res_at(c, epoch, data.res)
-            print0(f"epoch {epoch + 1}: training at {res} px" + (" (torch.compile recompiles once for it)"
-                                                                 if compiled and epoch else ""))
+        skip = run.step - epoch * steps_per_epoch
+        res = epoch_res(c, epoch, data.res, res, compiled)
         pending, t_epoch, t0, t_first = [], 0.0, time.time(), None
-        bar = tqdm(total=(steps_per_epoch - skip) * rows, unit="img", unit_scale=True, leave=False,
-                   desc=f"epoch {epoch + 1}/{c.epochs}", disable=rank != 0 or not sys.stderr.isatty())
+        bar = progress_bar(c, epoch, (steps_per_epoch - skip) * rows, rank)
         for images_u8, labels, index in epoch_batches(data.loader(res), epoch, skip):
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, total_steps, warmup, peak_lr)
+                g["lr"] = lr_at(run.step, total_steps, warmup, peak_lr)
             pending.append(train_step(images_u8, labels, index, choice))
-            step += 1
+            run.step += 1
             if t_first is None:  # timed apart: a compiled model's cold compile, the allocator's first batch
                 t_first = time.time() - t0
             bar.update(rows)
-            if c.ckpt_every and step % c.ckpt_every == 0 and step % steps_per_epoch:  # (epoch ends: below)
-                epoch_losses += finite_losses(pending, step - len(pending) + 1, model, last_good())
+            if c.ckpt_every and run.step % c.ckpt_every == 0 and run.step % steps_per_epoch:  # (epoch ends:
+                run.epoch_losses += finite_losses(pending, run.step - len(pending) + 1, model,  # below)
+                                                  last_good(run_dir))
                 pending, now = [], time.time()
-                t_epoch, t_train = t_epoch + now - t0, t_train + now - t0  # the clock stops while saving
-                checkpoint(run_dir / f"ckpt-{step:08d}.pt")
+                t_epoch, run.train_seconds = t_epoch + now - t0, run.train_seconds + now - t0  # clock stops
+                checkpoint(run_dir / f"ckpt-{run.step:08d}.pt")                               # while saving
                 t0 = time.time()
         bar.close()
-        epoch_losses += finite_losses(pending, step - len(pending) + 1, model, last_good())
+        run.epoch_losses += finite_losses(pending, run.step - len(pending) + 1, model, last_good(run_dir))
         now = time.time()
-        t_epoch, t_train = t_epoch + now - t0, t_train + now - t0
+        t_epoch, run.train_seconds = t_epoch + now - t0, run.train_seconds + now - t0
 
         # evaluate, log, checkpoint (the clock is stopped)
         test, _ = evaluate(model, data.test_loader, device, amp_dtype, len(data.classes))
-        metrics = dict(epoch=epoch + 1, loss=math.fsum(epoch_losses) / len(epoch_losses), **test,
-                       lr=optimizer.param_groups[0]["lr"], train_seconds=round(t_train, 1),
-                       images_per_s=round(steps_per_s(steps_per_epoch - skip, t_epoch, t_first) * rows, 1),
-                       first_step_s=round(t_first, 2))
-        if choice is not None:  # the categories of the regions replayed this epoch (all ranks' images)
-            kept = data.kept_images
-            replayed = data.category[kept[:, None], choice[kept]]
-            metrics.update(hard_regions=int((replayed == 1).sum()), soft_regions=int((replayed == 2).sum()))
-        history.append(metrics)
-        epoch_losses = []
+        metrics = epoch_metrics(data, epoch, run, test, optimizer.param_groups[0]["lr"],
+                                steps_per_epoch - skip, t_epoch, t_first, rows, choice)
+        run.history.append(metrics)
+        run.epoch_losses = []
         print0(json.dumps(metrics))
-        checkpoint(run_dir / ("final.pt" if epoch + 1 == c.epochs else f"ckpt-{step:08d}.pt"))
-        if rank == 0:
-            write_metrics(run_dir, history)
-            if tb is not None:
-                for key, value in metrics.items():
-                    if key != "epoch":
-                        tb.add_scalar(key, value, epoch + 1)
-                tb.flush()
-    if rank == 0:
-        atomic_write(run_dir / "final.json", lambda p: p.write_text(json.dumps(metrics)))
-        if tb is not None:
-            tb.close()
+        checkpoint(run_dir / ("final.pt" if epoch + 1 == c.epochs else f"ckpt-{run.step:08d}.pt"))
+        log_epoch(run_dir, run.history, tb, rank)
+    finish_log(run_dir, metrics, tb, rank)
     print0(json.dumps(metrics))
     return None
 
@@ -877,11 +1001,11 @@ def train(**flags):
 # `ferkd.py eval`, `ferkd.py export`, `ferkd.py plot`
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig:  # --eval_res/--eval_ratio as in `train`, whose values the checkpoint carries
     ckpt: str = ""          # checkpoint written by `ferkd.py train` (final.pt or ckpt-STEP.pt)
     data: str = ""          # dataset whose test split is evaluated; "": the one the checkpoint trained on
-    res: int = 0            # input resolution; 0: the checkpoint's training resolution
-    ratio: float = 224 / 256  # image folders: centre crop's side / the image's shorter side
+    eval_res: int = 0       # input resolution; 0: the run's own (its --eval_res, or its final training res)
+    eval_ratio: float = 0.0  # image folders: centre crop's side / the image's shorter side; 0: the run's own
     batch_size: int = 512   # images per forward, all processes together
     num_workers: int = 2    # FFCV decoding threads per process
     device: str = "auto"    # auto | cpu | cuda
@@ -893,13 +1017,15 @@ def evaluate_checkpoint(**flags):
     c = parse_config(EvalConfig, flags)
     if not c.ckpt:
         raise UserError("--ckpt=FILE.pt is required")
-    if c.batch_size < 1 or c.num_workers < 1 or c.res < 0 or not 0 < c.ratio <= 1:
-        raise UserError("--batch_size and --num_workers must be >= 1, --res >= 0, --ratio in (0, 1]")
+    if c.batch_size < 1 or c.num_workers < 1 or c.eval_res < 0 or not 0 <= c.eval_ratio <= 1:
+        raise UserError("--batch_size and --num_workers must be >= 1, --eval_res >= 0, --eval_ratio in "
+                        "(0, 1] (0: the checkpoint's)")
     check_amp(c.amp)
     rank, world, device = setup_distributed(c.device)
     model, ckpt = load_checkpoint(c.ckpt)
-    data, res = c.data or ckpt["config"]["data"], c.res or checkpoint_res(ckpt)
-    loader, ds = eval_loader(data, res, c.ratio, max(1, c.batch_size // world), c.num_workers, rank, world,
+    run_res, run_ratio = checkpoint_eval(ckpt)
+    data, res, ratio = c.data or ckpt["config"]["data"], c.eval_res or run_res, c.eval_ratio or run_ratio
+    loader, ds = eval_loader(data, res, ratio, max(1, c.batch_size // world), c.num_workers, rank, world,
                              device)
     if list(ds.classes) != list(ckpt["classes"]):
         raise UserError(f"{c.ckpt} predicts {len(ckpt['classes'])} classes "
@@ -908,7 +1034,7 @@ def evaluate_checkpoint(**flags):
     model.to(device, memory_format=torch.channels_last)
     metrics, per_class = evaluate(model, loader, device, autocast_dtype(device, c.amp)[0], len(ds.classes))
     acc = (100 * per_class[:, 0] / per_class[:, 2].clamp(min=1)).tolist()
-    print0(json.dumps(dict(ckpt=str(c.ckpt), data=data, res=res, **metrics,
+    print0(json.dumps(dict(ckpt=str(c.ckpt), data=data, eval_res=res, eval_ratio=ratio, **metrics,
                            per_class_top1={name: round(a, 2) for name, a in zip(ds.classes, acc)})))
 
 
@@ -921,8 +1047,12 @@ class ExportConfig:
 
 def export(**flags):
     """Write the model with torch.export (TorchScript is deprecated since torch 2.5): a .pt2 whose program
-    takes (N, 3, res, res) float32 images normalized by beton.MEAN/STD (any N) and returns (N, C) logits; its
-    extra file ferkd.json names the classes, res, mean and std. Load with torch.export.load(path).module()."""
+    takes (N, 3, H, W) float32 images normalized by beton.MEAN/STD and returns (N, C) logits; its extra file
+    ferkd.json names the classes, res, eval_res, eval_ratio, mean and std. Load with
+    torch.export.load(path).module(). N, H and W are dynamic: traced at the training res, the program takes
+    other sizes too (the run's eval_res, say) within the shape guards torch.export derives from the model
+    (Dim.AUTO): a torchvision ResNet traced at 33 px or more takes any size from 33 px up, one traced at
+    32 px or less no size above 32; a size outside them raises the program's guard error."""
     c = parse_config(ExportConfig, flags)
     if not c.ckpt:
         raise UserError("--ckpt=FILE.pt is required")
@@ -936,11 +1066,15 @@ def export(**flags):
         raise UserError(f"output directory {Path(c.out).parent} does not exist")
     model, ckpt = load_checkpoint(c.ckpt)
     model.eval()
-    res = checkpoint_res(ckpt)
+    res, (eval_res, eval_ratio) = checkpoint_res(ckpt), checkpoint_eval(ckpt)
     example = torch.randn(2, 3, res, res)
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    meta = dict(arch=ckpt["config"]["arch"], classes=list(ckpt["classes"]), res=res, mean=MEAN, std=STD,
-                input="(N, 3, res, res) float32 RGB: (pixel - 255 mean) / (255 std)", source=str(c.ckpt))
+    auto = torch.export.Dim.AUTO  # dynamic where the model allows it, specialized where it does not
+    program = torch.export.export(model, (example,),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1), 2: auto, 3: auto},))
+    meta = dict(arch=ckpt["config"]["arch"], classes=list(ckpt["classes"]), res=res, eval_res=eval_res,
+                eval_ratio=eval_ratio, mean=MEAN, std=STD, source=str(c.ckpt),
+                input="(N, 3, H, W) float32 RGB: (pixel - 255 mean) / (255 std); trained at res x res, "
+                      "evaluated at eval_res x eval_res (a centre crop of side eval_ratio x the shorter one)")
     extra = {"ferkd.json": json.dumps(meta)}
     atomic_write(c.out, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
     print(json.dumps(dict(out=c.out, arch=meta["arch"], res=res, num_classes=len(meta["classes"]))))

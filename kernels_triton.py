@@ -41,6 +41,7 @@ a Neural Network", sec. 2); it is 1 at the FKD/FerKD default T = 1.
 import functools
 import time
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -50,6 +51,20 @@ TINY = torch.finfo(torch.float32).tiny                           # smallest norm
 # ------------------------------------------------------------------------------------------------------------
 # The calibration rule, and the loss as its definition (the CPU path)
 # ------------------------------------------------------------------------------------------------------------
+
+
+def rest_share(topk_prob, C):
+    """u = max(1 - sum_k P_k, 0) / (C - K): the teacher mass outside a stored top-k spread evenly over the
+    C - K other classes (FKD's marginal smoothing), 0 when C = K. topk_prob (..., K), a torch tensor or a
+    NumPy array, -> (..., 1) of its dtype. The one definition of the share: the loss's target, the label
+    codec's order check (beton.pack_regions), `labels.py fidelity` and FKD's estimated p_gt all read it.
+    Clamped: an fp32 (or an imported fp16) top-k may sum a little past 1."""
+    K = topk_prob.shape[-1]
+    if isinstance(topk_prob, torch.Tensor):
+        rest = (1 - topk_prob.sum(-1, keepdim=True)).clamp_min(0)
+    else:
+        rest = np.maximum(1 - topk_prob.sum(-1, keepdims=True), 0)
+    return rest / (C - K) if C > K else rest * 0
 
 
 def region_category(p_gt, t_low, t_mid, t_top):
@@ -76,7 +91,7 @@ def ferkd_loss_torch(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t
     M, K = topk_idx.shape[1:]
     a, kept = region_weights(p_gt, mix, t_low, t_top)            # (B, M) renormalized, 0 if dropped; (B, 1)
     P = topk_prob.float()                                         # (B, M, K)
-    u = (1 - P.sum(2, keepdim=True)).clamp_min(0) / (C - K) if C > K else torch.zeros_like(P[..., :1])
+    u = rest_share(P, C)                                          # (B, M, 1) on classes outside the top-k
     y_m = u.expand(B, M, C).scatter_add(2, topk_idx.long(), P - u)  # (B, M, C) q_m: P on the top-k, u else
     if t_mid > t_low:                                             # hard regions: the softened truth instead
         hard = torch.full((B, M, C), eps / (C - 1), device=logits.device)
@@ -313,8 +328,7 @@ def ferkd_loss(logits, topk_idx, topk_prob, p_gt, target, mix, *, t_low, t_mid, 
 def fkd_dense_loss(logits, topk_idx, topk_prob):
     """FKD's way (M=1, T=1): expand the top-k into a dense (B, C) target, then the soft cross-entropy."""
     B, C = logits.shape
-    K = topk_idx.shape[1]
-    target = ((1 - topk_prob.sum(1, keepdim=True)) / (C - K)).expand(B, C).contiguous()  # (B, C)
+    target = rest_share(topk_prob, C).expand(B, C).contiguous()  # (B, C)
     target.scatter_(1, topk_idx, topk_prob)
     return -(target * torch.log_softmax(logits.float(), 1)).sum(1).mean()
 

@@ -45,6 +45,7 @@ from beton import (MEAN, QUANTIZATION, SCHEMA_VERSION, STD, alloc_table_ptr, att
                    read_regions, region_bytes, region_loader, region_plan, region_slots, regions_crc32,
                    seeded_regions, set_alloc_table, to_model_input, unpack_regions, whole_image_plan,
                    write_beton)
+from kernels_triton import rest_share
 from models import (CHUNK_IMAGES, FERKD_DEFAULTS, autocast_dtype, check_teacher, check_thresholds,
                     load_teacher, region_categories, threshold_defaults)
 from runtime import (UserError, atomic_write, barrier, on_all_ranks, on_rank0, parse_config, print0, run_cli,
@@ -345,11 +346,12 @@ class FidelityConfig:
 
 
 def recovered_targets(ids, probs, C):
-    """The (n, C) float64 target the trainer learns from a stored top-k: P on the top-k, (1 - sum P) / (C - k)
-    on every other class, the rest computed in float32 as the loss does; and the regions whose target puts a
-    stored class below that share (the teacher's order inverted)."""
+    """The (n, C) float64 target the trainer learns from a stored top-k: P on the top-k, the rest's share
+    max(1 - sum P, 0) / (C - k) (`rest_share`, the loss's own) on every other class, computed in float32 as
+    the loss does; and the regions whose target puts a stored class below that share (the teacher's order
+    inverted)."""
     probs = probs.float()
-    share = (1 - probs.sum(1, keepdim=True)) / max(C - ids.shape[1], 1)                 # (n, 1) fp32
+    share = rest_share(probs, C)                                                         # (n, 1) fp32
     target = share.double().expand(-1, C).clone().scatter_(1, ids, probs.double())
     return target, (probs < share).any(1)
 
@@ -531,8 +533,7 @@ def fkd_pgt(ids, probs, label, C):
     class outside the top-k, (1 - sum of top-k) / (C - k)."""
     hit = ids == label                                                # (R, k)
     known = hit.any(1)
-    rest = np.clip(1 - probs.sum(1), 0, 1) / (C - ids.shape[1])
-    return np.where(known, (probs * hit).sum(1), rest), ~known
+    return np.where(known, (probs * hit).sum(1), rest_share(probs, C)[:, 0]), ~known
 
 
 def import_chunks(ds, label_paths, partial, state, todo, chunk, R, k, rank0):

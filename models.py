@@ -23,7 +23,7 @@ from torchvision.models.resnet import BasicBlock
 
 from beton import DATASETS, MEAN, STD
 from kernels_triton import region_category
-from runtime import UserError, atomic_write
+from runtime import BOOL_WORDS, UserError, atomic_write
 
 # -----------------------------------------------------------------------------
 # Models
@@ -91,6 +91,15 @@ def checkpoint_res(ckpt):
     """The input resolution a checkpoint was trained at (older checkpoints did not store it)."""
     data = ckpt["config"]["data"]
     return ckpt.get("res") or ckpt["config"].get("res") or DATASETS.get(data, dict(res=224))["res"]
+
+
+def checkpoint_eval(ckpt):
+    """(eval_res, eval_ratio): how the run that wrote a checkpoint evaluated it (its --eval_res, 0 meaning
+    the final training resolution, and --eval_ratio), for `ferkd.py eval` to score the recipe's number (the
+    ImageNet recipe trains at 192 px and evaluates at 256). Checkpoints store both since issue 32; older ones
+    hold them in their config, or predate --eval_ratio (224/256, its default then)."""
+    res = ckpt.get("eval_res") or ckpt["config"].get("eval_res") or checkpoint_res(ckpt)
+    return res, float(ckpt.get("eval_ratio") or ckpt["config"].get("eval_ratio") or 224 / 256)
 
 # -----------------------------------------------------------------------------
 # Teachers: any checkpoint of ours, torchvision's or timm's models, for `labels.py build` and online KD
@@ -228,7 +237,7 @@ def autocast_dtype(device, amp="auto"):
     (CPU), false: fp32. `is_bf16_supported()` alone counts emulated bf16 as supported, which would put a V100 or
     T4 on slow emulated bf16 instead of fp16."""
     amp = str(amp).lower()
-    if amp in ("false", "0", "no"):
+    if amp in BOOL_WORDS and not BOOL_WORDS[amp]:
         return None, "fp32 (--amp=false)"
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported(including_emulation=False):

@@ -25,6 +25,11 @@ class UserError(Exception):
     """A mistake the user can fix: printed as one line, exit status 2 (see `run_cli`)."""
 
 
+# The words a true/false flag takes (fire passes --flag=false as the string 'false'): the one list that
+# parse_config's bool fields, --compile, --amp (ferkd.py, models.autocast_dtype) and bench.py read
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def run_cli(commands):
     """fire.Fire over `commands`, turning UserError into one line on stderr and exit status 2. A process of
     a torchrun group leaves it before exiting, on success or error: exiting inside gloo's group aborted the
@@ -55,8 +60,8 @@ def parse_config(cls, kwargs):
             raise UserError(f"unknown flag --{key}; known: {', '.join('--' + f for f in fields)}")
         want = type(fields[key].default)
         if want is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                value = value.lower() in ("true", "1", "yes")
+            if isinstance(value, str) and value.lower() in BOOL_WORDS:
+                value = BOOL_WORDS[value.lower()]
             if not isinstance(value, bool):
                 raise UserError(f"--{key} takes true or false, got {value!r}")
         elif want is float and isinstance(value, int) and not isinstance(value, bool):

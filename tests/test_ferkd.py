@@ -241,3 +241,94 @@ def test_rank_thresholds_split_every_image_alike():
     assert (ascending == [0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 0]).all()
     by_value = models.region_categories(table, k, 0.05, 0.45, 0.95)  # absolute thresholds differ per image
     assert len({tuple(np.bincount(row, minlength=3)) for row in by_value}) > 1
+
+
+@pytest.mark.parametrize("res, min_res, start, end, step, want", [
+    (24, 16, 0, 2, 32, [16, 24, 24, 24]),          # issue 32: epoch 1 trained at 0 px (16 rounded to 32 = 0)
+    (200, 160, 0, 4, 32, [160, 160, 192, 192, 200, 200]),  # it ended at 192, config.json saying 200
+    (192, 160, 1, 3, 32, [160, 160, 192, 192, 192]),  # min_res until ramp_start; 176 rounds to 192
+])
+def test_ramp_is_ffcv_imagenets_within_min_res_and_res(res, min_res, start, end, step, want):
+    """min_res up to --ramp_start, res from --ramp_end on, rounded to --res_step only in between, and every
+    size within [min_res, res]."""
+    c = ferkd.TrainConfig(epochs=len(want), min_res=min_res, ramp_start=start, ramp_end=end, res_step=step)
+    got = [ferkd.res_at(c, epoch, res) for epoch in range(len(want))]
+    assert got == want
+    assert [ferkd.res_at(dataclasses.replace(c, min_res=0), e, res) for e in range(3)] == [res] * 3
+
+
+def test_decoder_refuses_an_empty_resolution_and_a_box_outside_its_image(tmp_path):
+    """A crop resized to 0 px, or a box that is empty or leaves its image, is one error line: OpenCV's
+    resize aborted the whole process (a C++ exception, SIGABRT, no error line), and an exception inside
+    FFCV's pipeline thread would hang the loader. Run in a child process, which the old code killed."""
+    code = f"""
+import sys; sys.path.insert(0, {str(beton.__file__.rsplit('/', 1)[0])!r})
+import numpy as np, beton
+from runtime import UserError
+path, ds = beton.dataset_beton("digits", "test", cache_dir={str(tmp_path)!r})
+h, w = beton.image_sizes(path)
+plan = np.ascontiguousarray(beton.whole_image_plan(h, w), np.int32)
+try:
+    beton.region_loader(path, plan, 0, 64, indices=np.arange(64))
+except UserError as e:
+    print("refused:", e)
+plan[5, 0, 2] = h[5] + 3  # image 5's box ends below the image
+try:
+    for batch in beton.epoch_batches(beton.region_loader(path, plan, 8, 64, indices=np.arange(64)), 0):
+        pass
+except UserError as e:
+    print("refused:", e)
+"""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("refused:")]
+    assert p.returncode == 0 and len(lines) == 2, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    assert "at least 1 x 1 px" in lines[0] and "region box of image 5" in lines[1], lines
+
+
+def test_subset_is_a_seeded_class_stratified_sample():
+    """--subset=N keeps each class's share (an image folder is sorted by class: the first N images were one
+    or two classes), and is a function of (labels, N, seed): the same on every rank and on resume."""
+    labels = np.repeat(np.arange(10), [100] * 9 + [50])  # class 9 half as large
+    got = ferkd.subset_images(labels, 95, seed=0)
+    assert len(got) == len(set(got)) == 95 and (np.diff(got) > 0).all()
+    assert np.bincount(labels[got], minlength=10).tolist() == [10] * 9 + [5]
+    assert np.array_equal(got, ferkd.subset_images(labels, 95, seed=0))
+    assert not np.array_equal(got, ferkd.subset_images(labels, 95, seed=1))
+    assert np.bincount(labels[ferkd.subset_images(labels, 7, 0)]).max() == 1  # largest remainders: 7 classes
+    assert np.array_equal(ferkd.subset_images(labels, 5000, 0), np.arange(len(labels)))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba at loader collection
+def test_training_data_trains_on_the_subset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the digits cache is written under ./data
+    c = ferkd.TrainConfig(data="digits", subset=300, seed=4, batch_size=64)
+    data = ferkd.training_data(c, 0, 1, torch.device("cpu"))
+    labels = beton.load_dataset("digits", "train").labels
+    assert np.array_equal(data.kept_images, ferkd.subset_images(labels, 300, 4))
+    assert data.steps_per_epoch == 300 // 64
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--kd=fkd", "--labels=x.beton", "--label_smoothing=0"], "--label_smoothing=0.0 acts only with"),
+    (["--kd=kd", "--teacher=t.pt", "--label_smoothing=0.2"], "--label_smoothing=0.2 acts only with"),
+    (["--kd=ferkd", "--labels=x.beton", "--scale_min=0.3"], "--scale_min=0.3 acts only with --kd=none or"),
+    (["--ramp_end=3"], "--ramp_end=3 acts only with --min_res"),
+    (["--ramp_start=1"], "--ramp_start=1 acts only with --min_res"),
+    (["--res_step=16"], "--res_step=16 acts only with --min_res"),
+    (["--kd=fkd", "--labels=x.beton", "--eps=0.2"], "--eps=0.2 acts only with --kd=ferkd with hard regions"),
+    (["--kd=ferkd", "--labels=x.beton", "--t_low=0.1", "--t_mid=0.1", "--t_top=0.9", "--eps=0.2",
+      "--thresholds=p_gt"], "--eps=0.2 acts only with --kd=ferkd with hard regions"),
+    (["--mix_alpha=0.4"], "--mix_alpha=0.4 acts only with --mix="),
+    (["--mix_source=batch"], "--mix_source=batch acts only with --mix="),
+    (["--mix_prob=0.5"], "--mix_prob=0.5 acts only with --mix="),
+    (["--kd=fkd", "--labels=x.beton", "--mix=cutmix", "--crops=2"], "--mix=cutmix with --mix_prob=0"),
+    (["--res=24", "--min_res=32", "--ramp_end=2"], "--min_res=32 is above --res=24"),
+])
+def test_flags_that_would_do_nothing_are_refused(flags, words, tmp_path):
+    """Each flag set where it does nothing is one error line, before any data is read (issue 32)."""
+    from test_train_extras import one_error_line
+    line = one_error_line(cli("ferkd.py", "train", "--data=digits", *flags, f"--run_dir={tmp_path / 'r'}",
+                              check=False))
+    assert words in line, line

@@ -24,7 +24,10 @@ def test_selfmix_stream_resumes_on_another_device():
     assert torch.equal(*draws)
     g = torch.Generator(cpu).manual_seed(3)  # a state of this device's kind is restored exactly, as before
     state = g.get_state()
-    ferkd.set_rng_states([dict(saved[0], mix=state)], 0, torch.Generator(cpu), cpu)
+    restored = torch.Generator(cpu).manual_seed(4)
+    ferkd.set_rng_states([dict(saved[0], mix=state)], 0, restored, cpu)
+    assert torch.equal(restored.get_state(), state)
+    assert torch.equal(torch.rand(4, generator=restored), torch.rand(4, generator=g))
 
 
 class DeviceCopies(TorchFunctionMode):
@@ -184,22 +187,29 @@ def test_epoch_rate_leaves_out_the_first_step(monkeypatch, tmp_path):
     assert torch.backends.cudnn.benchmark
 
 
-def test_compiled_model_inside_ddp_splits_at_buckets():
-    """DDP(compiled model), as the trainer wraps it: dynamo applies DDPOptimizer to the inner module during
-    DDP's forward, one graph per gradient bucket, so each bucket's all-reduce can start while the backward of
-    the graphs before it runs. One rank over gloo; more buckets -> more graphs."""
+def test_compiled_model_inside_ddp_splits_at_buckets(monkeypatch):
+    """ferkd.make_model under DDP: the model compiled in place, then wrapped (the other order compiled
+    nothing). Dynamo applies DDPOptimizer to the inner module during DDP's forward, one graph per gradient
+    bucket, so each bucket's all-reduce can start while the backward of the graphs before it runs. One rank
+    over gloo (make_model wraps when told of 2 processes); more buckets -> more graphs. The compiler backend
+    is a counter and DDP's bucket size a parameter of the test: the rest is the project's."""
+    import functools
     import torch.distributed as dist
     from torch._dynamo.testing import CompileCounter
-    import models
+    compile_module, DDP = torch.nn.Module.compile, torch.nn.parallel.DistributedDataParallel
     graphs = {}
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         for cap_mb in (100, 1):
             torch._dynamo.reset()
             counter = CompileCounter()
-            model = models.build_model("small64", 10)  # 3.6 MB of fp32 parameters
-            model.compile(backend=counter)
-            ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cap_mb)
+            monkeypatch.setattr(torch.nn.Module, "compile",
+                                lambda self, *args, **kw: compile_module(self, *args, backend=counter, **kw))
+            monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                                functools.partial(DDP, bucket_cap_mb=cap_mb))
+            c = ferkd.TrainConfig(arch="small64", compile="true")  # 3.6 MB of fp32 parameters
+            model, ddp, *_ = ferkd.make_model(c, 10, torch.device("cpu"), 2, None, 0.1, None)
+            assert isinstance(ddp, DDP) and ddp.module is model
             ddp(torch.randn(4, 3, 16, 16)).sum().backward()
             graphs[cap_mb] = counter.frame_count
     finally:

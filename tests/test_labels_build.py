@@ -6,7 +6,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT, cli
 from test_pipeline import one_error_line
@@ -139,8 +141,22 @@ def test_fidelity_of_the_label_code(built):
     ckpt, labels = built
     p = cli("labels.py", "fidelity", labels, f"--teacher={ckpt}", "--samples=600")
     r = json.loads(p.stdout.strip().splitlines()[-1])
-    assert r["samples"] == 600 and r["region_bytes"] == 21 <= 25
+    assert r["samples"] == 600 and r["region_bytes"] == 21  # 4 box + 2k ids + k codes + p_gt + flags, k = 5
     assert r["file"]["inverted"] == 0
     for stat in ("kl_mean", "kl_median"):
         assert r["exact_topk"][stat] <= r["file"][stat] <= 1.1 * r["fp16_topk"][stat], r
     assert r["exact_topk"]["kl_mean"] > 0  # a top-k is not the full softmax
+
+
+def test_recovered_target_is_the_losss_own_clamped_share():
+    """`fidelity` scores the target the trainer learns: a top-k summing past 1 (fp32 rounding, an imported
+    fp16 file) leaves 0 on the other classes, as the loss's `rest_share` does, never a negative share; and
+    a top-k of every class (C = k) leaves nothing to share."""
+    import kernels_triton
+    import labels
+    ids, probs = torch.tensor([[0, 1]]), torch.tensor([[0.7, 0.31]])
+    target, _ = labels.recovered_targets(ids, probs, 4)
+    assert target[0, 2:].eq(0).all() and torch.equal(target[0, :2], probs[0].double())
+    assert kernels_triton.rest_share(probs, 4).item() == 0
+    assert kernels_triton.rest_share(torch.tensor([[0.5, 0.25]]), 2).item() == 0
+    assert kernels_triton.rest_share(np.array([[0.5, 0.25]]), 4)[0, 0] == 0.125

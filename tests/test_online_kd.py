@@ -59,7 +59,7 @@ def test_online_kd_trains_from_a_teacher(built, tmp_path):
     p = cli("ferkd.py", "train", "--data=digits", "--kd=kd", f"--teacher={ckpt}", "--temperature=2",
             "--arch=small16", "--epochs=2", "--batch_size=64", f"--run_dir={tmp_path / 'kd'}")
     m = last_json(p.stdout)
-    assert m["epoch"] == 2 and m["top1"] > 0.5 and m["images_per_s"] > 0
+    assert m["epoch"] == 2 and m["top1"] > 30 and m["images_per_s"] > 0  # percent: 3x chance, 10 classes
     config = json.loads((tmp_path / "kd" / "config.json").read_text())
     assert config["kd"] == "kd" and config["temperature"] == 2.0 and config["teacher_id"]["kind"] == "ferkd"
 
@@ -90,13 +90,23 @@ def test_online_kd_and_regions_flags_are_checked(flags, words, tmp_path):
 def test_regions_replays_only_the_first_stored_regions(built, tmp_path):
     """--regions=R' replays each image's first R' stored regions only (a pool of R' without rebuilding the
     labels), every one of them over the epochs; more than the file holds is one error line."""
+    import beton
     import ferkd
     _, path = built
     c = ferkd.TrainConfig(data="digits", labels=str(path), kd="fkd", regions=2, crops=1, batch_size=64)
     data = ferkd.training_data(c, 0, 1, torch.device("cpu"))
-    assert data.table.shape[1] == 2
+    header = beton.read_header(path)
+    assert np.array_equal(data.table, beton.read_regions(path, header)[:, :2])  # the first 2, not any 2
     seen = np.concatenate([data.fill_plan(epoch).numpy().ravel() for epoch in range(6)])
     assert set(seen.tolist()) == {0, 1}
+    # the boxes the decoder cuts are those regions' own, box and flip, as labels.py stored them
+    h, w = beton.image_sizes(path)
+    plan, fill, _, _ = ferkd.region_plans(c, header, data.table, h, w)
+    choice = fill(3).numpy()
+    boxes, flips = beton.seeded_regions(header["seed"], 7, header["regions"], h[7], w[7],
+                                        header["scale"][0])
+    want = beton.region_plan(boxes[:2], flips[:2], h[7], w[7])  # image 7's first two regions
+    assert np.array_equal(plan[7], want[choice[7]])
     line = one_error_line(cli("ferkd.py", "train", "--data=digits", f"--labels={path}", "--kd=fkd",
                               "--regions=7", f"--run_dir={tmp_path / 'r'}", check=False))
     assert "--regions=7" in line and "holds 6 per image" in line, line

@@ -147,6 +147,22 @@ def test_eval_command_matches_training_metrics(built):
     assert "predicts 10 classes" in line
 
 
+def test_eval_scores_at_the_runs_eval_settings(tmp_path):
+    """A run trained at 16 px and evaluated at 24 (--eval_res, as the README's ImageNet recipe trains at 192
+    and evaluates at 256): its checkpoint carries eval_res and eval_ratio, and `ferkd.py eval` scores the
+    number training logged unless told otherwise, with the flags named as in `train`."""
+    import models
+    run = tmp_path / "r"
+    cli("ferkd.py", "train", "--data=digits", "--arch=small16", "--epochs=2", "--batch_size=128",
+        "--eval_res=24", "--eval_ratio=0.75", f"--run_dir={run}")
+    final = json.loads((run / "final.json").read_text())
+    assert models.checkpoint_eval(torch.load(run / "final.pt", weights_only=True)) == (24, 0.75)
+    m = last_json(cli("ferkd.py", "eval", f"--ckpt={run / 'final.pt'}").stdout)
+    assert (m["eval_res"], m["eval_ratio"]) == (24, 0.75) and m["top1"] == final["top1"], (m, final)
+    m = last_json(cli("ferkd.py", "eval", f"--ckpt={run / 'final.pt'}", "--eval_res=16").stdout)
+    assert m["eval_res"] == 16
+
+
 def test_export_loads_and_predicts_like_the_checkpoint(built, tmp_path):
     import models
     teacher, _ = built
@@ -155,8 +171,8 @@ def test_export_loads_and_predicts_like_the_checkpoint(built, tmp_path):
     program = torch.export.load(str(out))
     model, _ = models.load_checkpoint(teacher)
     model.eval()
-    for n in (1, 5):  # the batch dimension is dynamic
-        x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(n))
+    for n, res in ((1, 16), (5, 16), (3, 24), (2, 12)):  # the batch and image sizes are dynamic
+        x = torch.randn(n, 3, res, res, generator=torch.Generator().manual_seed(n))
         with torch.no_grad():
             want, got = model(x), program.module()(x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
