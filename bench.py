@@ -523,7 +523,7 @@ def scale_train(path, steps=300, batch=256, crops=1, workers=2):
     """`ferkd.py train`'s start-up on a label file (header, region table, FerKD categories, the first epoch's
     plan, the loader), then `steps` FKD steps of small16 at 32 px, then loader rows/s alone. Under torchrun
     each process does this on its share of the images and prints its own lines (`train start-up (rank r/w)`):
-    the region table is mapped once per node, checked by one process while the others wait."""
+    the region table is one mapped copy per node, written by the first process if missing."""
     import beton
     import ferkd
     import torch.distributed as dist

@@ -29,17 +29,22 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import functools
 import gzip
 import hashlib
 import json
 import multiprocessing
 import os
+import re
+import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -813,42 +818,6 @@ def regions_crc32(path, nbytes):
     return crc
 
 
-def read_regions(path, header):
-    """All region records of a label file as a read-only (N, R, D) uint8 array, checked against the header's
-    CRC. FFCV stores each image's records beside its pixels, so the file's own records cannot be mapped as
-    one array: the first start on a machine writes them, in image order, to PATH.CRC.regions beside the file,
-    and every process then memory-maps that copy. The processes of a node share its pages in the page cache
-    (at ImageNet size 8 GB once per node, not once per rank), and one process per node verifies the checksum
-    while the others wait. Where the folder is read-only, each process reads its own copy instead."""
-    R, D, N = header["regions"], header["region_bytes"], header["images"]
-    cache = Path(f"{path}.{header['regions_crc32']:08x}.regions")
-
-    def make_or_verify():  # one process per node (torchrun's LOCAL_RANK 0)
-        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-            return
-        if cache.is_file() and cache.stat().st_size == N * R * D:
-            crc, table = 0, np.memmap(cache, np.uint8, "r")
-            for s in range(0, len(table), 1 << 26):
-                crc = zlib.crc32(table[s:s + (1 << 26)], crc)
-            if crc != header["regions_crc32"]:
-                raise UserError(f"{cache} (a copy of {path}'s region records) fails its checksum; delete it "
-                                f"and the next start writes it again")
-        elif os.access(cache.parent, os.W_OK):
-            def write(tmp):
-                with open(tmp, "wb") as f:
-                    for block in checked_blocks(path, header):
-                        f.write(block)
-            atomic_write(cache, write)
-    on_all_ranks(make_or_verify)
-    if cache.is_file():
-        return np.memmap(cache, np.uint8, "r", shape=(N, R, D))
-    table = np.empty((N, R * D), np.uint8)  # a read-only folder: this process's own copy
-    for i, block in enumerate(checked_blocks(path, header)):
-        if i < N:
-            table[i] = block
-    return table.reshape(N, R, D)
-
-
 def checked_blocks(path, header):
     """Each image's region records in image order (one reused buffer), then a UserError if they fail the
     header's CRC or count."""
@@ -859,3 +828,205 @@ def checked_blocks(path, header):
     if crc != header["regions_crc32"] or n != header["images"]:
         raise UserError(f"{path}: region records fail their checksum (corrupt file); "
                         f"re-run `python labels.py build`")
+
+# -----------------------------------------------------------------------------
+# The region table: one memory-mapped copy of the records beside the label file
+#
+# FFCV stores each image's records beside its pixels, so the file's own records cannot be mapped as one
+# array. `read_regions` writes them once, in image order, to LABELS.CRC.regions (CRC: the header's
+# regions_crc32, 8 hex digits) and every process maps that copy: the processes of a node share its pages in
+# the page cache (at ImageNet size 7.5 GiB once per node, not once per rank). The copy starts with one page of
+# its own header, which names the label file it was made from (size, modification time, CRC, shape): a start
+# that finds a matching header maps the copy without reading the records again (issue 32: re-checksumming
+# 7.5 GiB took most of a 30 s start-up), and a copy that does not match is written again. Files of the
+# copy's protocol, all beside the label file and named after it:
+#     LABELS.CRC.regions                 the copy (header page, then the (N, R, D) records)
+#     .LABELS.CRC.regions.lock           held by the one process writing the copy: "host pid"
+#     .LABELS.CRC.regions.tmp.HOST.PID   the copy being written; renamed into place when whole
+
+COPY_HEADER = 4096     # bytes before the records: the copy's header, one page (the records map page-aligned)
+COPY_WAIT_S = 1800.0   # the longest a process waits for another to write the copy, then one error line
+COPY_STALE_S = 120.0   # a lock unchanged this long has lost its writer (a writer touches it every second)
+
+
+def region_copy_path(path, header):
+    return Path(f"{path}.{header['regions_crc32']:08x}.regions")
+
+
+def read_regions(path, header, copy=True):
+    """All region records of a label file as a read-only (N, R, D) uint8 array, checked against the header's
+    CRC when read from the file. With copy=True (train, the label build's readers), the memory-mapped copy
+    beside the file, written first if it is missing or stale. Of the processes that start together, on one
+    node or several nodes sharing the folder, one writes it (it holds the lock) and the others wait, then map
+    it. With copy=False (inspect, show, fidelity: commands that only read), an existing copy is mapped and
+    nothing is written. Wherever there is no copy to map (a read-only folder, a full disk, copy=False), the
+    process reads its own copy into memory: N R D bytes, one warning line when a copy was wanted."""
+    path = Path(path)
+    copy_path = region_copy_path(path, header)
+    shape = (header["images"], header["regions"], header["region_bytes"])
+    identity = _copy_identity(path, header)
+    if not copy:
+        table = _map_copy(copy_path, identity, shape)
+        return table if table is not None else _private_table(path, header)
+    result = []  # every rank goes through on_all_ranks: one rank's error stops all of them
+    on_all_ranks(lambda: result.append(_shared_table(path, header, copy_path, identity)))
+    return result[0]
+
+
+def _copy_identity(path, header):
+    """The copy's header page: what it was made from. Equal bytes prove the copy matches the label file."""
+    st = path.stat()
+    made_from = dict(label_file=path.name, size=st.st_size, mtime_ns=st.st_mtime_ns, schema=header["schema"],
+                     regions_crc32=header["regions_crc32"], images=header["images"],
+                     regions=header["regions"], region_bytes=header["region_bytes"])
+    text = b"FERKD region copy 1\n" + json.dumps(made_from, sort_keys=True).encode() + b"\n"
+    return text.ljust(COPY_HEADER, b"\0")
+
+
+def _map_copy(copy_path, identity, shape):
+    """The copy mapped read-only, or None if there is none or it was made from anything else."""
+    try:
+        with open(copy_path, "rb") as f:
+            head, size = f.read(COPY_HEADER), os.fstat(f.fileno()).st_size
+    except OSError:
+        return None
+    if head != identity or size != COPY_HEADER + int(np.prod(shape)):
+        return None
+    return np.memmap(copy_path, np.uint8, "r", offset=COPY_HEADER, shape=shape)
+
+
+def _private_table(path, header):
+    """This process's own copy of the records, read from the label file and checked."""
+    N = header["images"]
+    table = np.empty((N, header["regions"] * header["region_bytes"]), np.uint8)
+    for i, block in enumerate(checked_blocks(path, header)):
+        if i < N:
+            table[i] = block
+    return table.reshape(N, header["regions"], header["region_bytes"])
+
+
+def _fallback(path, header, why):
+    print(f"warning: {why}; this process reads its own copy of {path}'s region records into memory "
+          f"({header['images'] * header['regions'] * header['region_bytes'] / 2**30:.2f} GiB)",
+          file=sys.stderr, flush=True)
+    return _private_table(path, header)
+
+
+def _shared_table(path, header, copy_path, identity):
+    """The copy mapped, after this process wrote it or waited for the process that does (see read_regions).
+    The lock is a file made with O_EXCL, which works on local and network filesystems alike. Its writer
+    touches it every second; a waiter takes the lock over when its holder is a dead process of this host, or
+    when the lock has not changed for COPY_STALE_S of the waiter's own clock (no clock is compared across
+    nodes). Two writers at once would only cost time: each writes its own temporary, the same bytes."""
+    shape = (header["images"], header["regions"], header["region_bytes"])
+    lock = copy_path.with_name(f".{copy_path.name}.lock")
+    me = f"{socket.gethostname()} {os.getpid()}"
+    start, last, last_change, waited = time.monotonic(), None, 0.0, False
+    while True:
+        table = _map_copy(copy_path, identity, shape)
+        if table is not None:
+            return table
+        if not os.access(copy_path.parent, os.W_OK):
+            return _fallback(path, header, f"cannot write in {copy_path.parent}")
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            return _fallback(path, header, f"cannot make {lock} ({e})")
+        else:
+            os.write(fd, me.encode())
+            os.close(fd)
+            return _write_copy(path, header, copy_path, identity, lock, me)
+        try:  # another process holds the lock: wait for its copy
+            with open(lock, "rb") as f:
+                now = (f.read(200).decode(errors="replace"), os.fstat(f.fileno()).st_mtime_ns)
+        except FileNotFoundError:  # released: its copy is there (the loop maps it), or its writer gave up
+            if waited and _map_copy(copy_path, identity, shape) is None:
+                return _fallback(path, header, f"the process that was writing {copy_path} gave up")
+            continue
+        clock = time.monotonic()
+        if now != last:
+            last, last_change, waited = now, clock, True
+        holder = now[0].split()
+        dead = len(holder) == 2 and holder[0] == socket.gethostname() and not _alive(holder[1])
+        if dead or clock - last_change > COPY_STALE_S:
+            print(f"{lock}: its writer ({now[0]}) is gone; taking over", file=sys.stderr, flush=True)
+            for stale in (lock, copy_path.with_name(f".{copy_path.name}.tmp.{'.'.join(holder)}")):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+            last, waited = None, False
+            continue
+        if clock - start > COPY_WAIT_S:
+            raise UserError(f"waited {COPY_WAIT_S:.0f} s for {now[0]} to write {copy_path}; if no process is "
+                            f"writing it, delete {lock} and start again")
+        time.sleep(0.5)
+
+
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):
+        return True  # not ours to signal, or not a pid: assume it runs
+    return True
+
+
+def _write_copy(path, header, copy_path, identity, lock, me):
+    """Write the copy under the lock: the stale copies of this label file go first (they may be what fills
+    the disk), then a temporary, renamed into place when whole. Any OSError on the way (a full disk, a
+    quota) removes the temporary and falls back to a private copy; a UserError (the records fail their
+    checksum) is raised as is. The lock is released before either."""
+    shape = (header["images"], header["regions"], header["region_bytes"])
+    tmp = copy_path.with_name(f".{copy_path.name}.tmp.{me.replace(' ', '.')}")
+    need, error = len(identity) + int(np.prod(shape)), None
+    try:
+        table = _map_copy(copy_path, identity, shape)  # written by the lock's last holder while we looked
+        if table is not None:
+            return table
+        copy_path.unlink(missing_ok=True)  # a copy made from an earlier state of the file: its space first
+        remove_stale_copies(path, header["regions_crc32"])
+        free = shutil.disk_usage(copy_path.parent).free
+        if free < need:
+            raise OSError(errno.ENOSPC, f"{need / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free")
+        print(f"writing {copy_path}, a copy of the region records ({need / 2**30:.2f} GiB), once for this "
+              f"label file", flush=True)
+        with open(tmp, "wb") as f:
+            f.write(identity)
+            beat = time.monotonic()
+            for block in checked_blocks(path, header):
+                f.write(block)
+                if time.monotonic() - beat > 1:
+                    os.utime(lock)  # the heartbeat waiters watch
+                    beat = time.monotonic()
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the copy
+        os.replace(tmp, copy_path)
+    except OSError as e:
+        error = f"could not write {copy_path} ({e})"
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        mine = False
+        with contextlib.suppress(OSError), open(lock, "rb") as f:
+            mine = f.read(200).decode(errors="replace") == me
+        if mine:  # released after the rename: a waiter that finds no lock finds the copy
+            with contextlib.suppress(OSError):
+                lock.unlink()
+    if error is not None:
+        return _fallback(path, header, error)
+    return _map_copy(copy_path, identity, shape)
+
+
+def remove_stale_copies(path, keep_crc):
+    """Delete this label file's copies for other CRCs (it was rebuilt since), with their leftover locks and
+    temporaries: only files named by the copy's pattern for this file's name, in its folder."""
+    name = re.escape(Path(path).name)
+    ours = re.compile(rf"{name}\.([0-9a-f]{{8}})\.regions"                    # a copy
+                      rf"|\.{name}\.([0-9a-f]{{8}})\.regions\.(?:lock|tmp\..+)")  # its lock, a temporary
+    for p in Path(path).parent.iterdir():
+        m = ours.fullmatch(p.name)
+        if m and (m.group(1) or m.group(2)) != f"{keep_crc:08x}":
+            with contextlib.suppress(OSError):  # a folder of that name, or not ours to delete: left alone
+                p.unlink()

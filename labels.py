@@ -322,7 +322,7 @@ def inspect(path, **flags):
     rows = c.rows
     header = read_header(path)
     print(json.dumps({k: v for k, v in header.items() if k != "classes"}, indent=1))
-    table = read_regions(path, header)
+    table = read_regions(path, header, copy=False)
     ids, probs, pgt, flip = unpack_regions(torch.from_numpy(np.array(table[:rows])), header["k"])
     for i in range(min(rows, len(table))):
         for r in range(min(3, header["regions"])):
@@ -381,7 +381,7 @@ def fidelity(path, **flags):
     ds = load_dataset(header["dataset"], "train")
     if ds.fingerprint() != header["fingerprint"]:
         raise UserError(f"{path} was built from other data than {header['dataset']} holds now")
-    table = read_regions(path, header)
+    table = read_regions(path, header, copy=False)
     N, R, k, C, res, T = len(table), header["regions"], header["k"], header["num_classes"], header["res"], \
         header["temperature"]
     _, _, device = setup_distributed(c.device)
@@ -719,7 +719,7 @@ def show(path, **flags):
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
     header = read_header(path)
-    table = read_regions(path, header)                                      # (N, R, D) uint8
+    table = read_regions(path, header, copy=False)                          # (N, R, D) uint8
     N, R, k, names = len(table), header["regions"], header["k"], header["classes"]
     cat = region_categories(table, k, **t, by_rank=mode == "rank")         # (N, R) 0 dropped, 1 hard, 2 soft
 

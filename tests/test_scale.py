@@ -48,7 +48,7 @@ def test_peak_memory_grows_with_the_record_bytes():
             path = f"{d}/r{R}.beton"
             out = run_bench(f"scale_write({path!r}, {N}, {R}, classes=10)")
             out += run_bench(f"scale_train({path!r}, steps=0)")  # one trainer process, then two on a node:
-            out += run_torchrun(2, "scale_train", path, "--steps=0")  # rank 0 verifies the mapped copy
+            out += run_torchrun(2, "scale_train", path, "--steps=0")  # both map the copy
             parts = ("boxes, plan and records", "checksum and header", "train start-up")
             peaks[R] = {part: peak_mb(out, part) for part in parts}
             for rank in (0, 1):
@@ -62,6 +62,6 @@ def test_peak_memory_grows_with_the_record_bytes():
     # the trainer maps the records (shared by a node's processes) instead of holding a copy: what it holds
     # after start-up (freed temporaries handed back) grows by its category byte per region (measured: 2 MB
     # here), not 21 B more; issue 26's bound is 2 B per region, + 1 MB for the two readings' rounding
-    for rank in (0, 1):  # each process of the node: rank 0 verified the shared copy, rank 1 waited for it
+    for rank in (0, 1):  # each process of the node maps the shared copy
         grown = peaks[large][f"anonymous, rank {rank}"] - peaks[small][f"anonymous, rank {rank}"]
         assert grown <= 2 * regions / 2**20 + 1, (rank, grown, records_mb, peaks)
