@@ -10,6 +10,9 @@ last checkpoint, so a study can be stopped and re-run across sessions):
     python ablation.py plot --study=regime  # per-epoch curves and top-1 against schedule length, one PNG
     python ablation.py run --study=regime --settings='["CE ls=0","online KD","FKD log code"]'  # issue 24 arms
     python ablation.py table --study=regime --base="online KD" --ce="CE ls=0" --short  # the README's columns
+    python ablation.py run --study=cluttered   # issue 35 on cluttered-fashion-mnist (≈ 8-9 h of CPU, alone)
+    python ablation.py run --study=cluttered --settings='["CE ls=0","FKD"]' --seeds='[0]'  # a slice of it
+    python ablation.py table --study=cluttered --base=FKD --ce="CE ls=0"
 
 "small" (results/README.md): a small32 teacher trained with CE and label smoothing for 4 epochs on all
 60,000 training images (88.5% test top-1; the demo's teacher); its labels with 4 regions per image, top-5;
@@ -34,6 +37,9 @@ of the teacher: `labels.py fidelity`): CE without label smoothing, online KD (th
 the ceiling FKD approximates), FKD at R' = 32 and 8 stored regions per image, and FerKD's defaults. A session
 without the old teacher's files retrains it with the same flags and seed; each row records the teacher's
 top-1, so a changed teacher shows.
+
+"cluttered" (issue 35): the regime protocol on cluttered-fashion-mnist, where crops differ (FerKD's premise);
+its arms and rules are defined beside STUDIES["cluttered"] below, its plan and cost in results/README.md.
 
 Every row records the flags, the git revision and the teacher's test top-1. Seeds are independent: data
 orders and SelfMix draws come from hashes of (seed, epoch) and (seed, rank), not seed + epoch.
@@ -96,7 +102,64 @@ STUDIES = {
             "FerKD defaults log code": ["--kd=ferkd"],
         }),
 }
+
+# Issue 35: does FerKD work where its premise holds, crops that differ? The regime protocol (teacher, labels,
+# students as above) on cluttered-fashion-mnist, fixed before any of it runs. Arms: CE ls=0, online KD, FKD,
+# FerKD's current defaults, FerKD as the paper describes it (p_gt thresholds, hard regions on softened truth,
+# SelfMix; the README's example), a grid of 6 thresholds of the better of those two families (by mean top-1
+# over seeds 0-2), FKD on labels with k = C = 10 (nothing truncated), and FKD and the best FerKD arm at equal
+# time: the epochs whose cost is online KD's 30 epochs, by the measured seconds per epoch of the study's own
+# 30-epoch rows (the first equal-time row fixes the epochs; later seeds reuse them). Seeds 0-2 for every arm;
+# seeds 3 and 4 for both arms of a pair of interest (PAIRS) whose paired difference is within one standard
+# error after seeds 0-2. Every row is reported.
+GRIDS = {  # family -> (t_low, t_mid, t_top): drop more or less at either end, more or fewer hard regions
+    "FerKD defaults": [(0.1, 0.3, 0.9), (0.2, 0.4, 0.95), (0.3, 0.5, 1.0), (0.0, 0.3, 1.0), (0.1, 0.1, 0.9),
+                       (0.05, 0.5, 0.95)],  # rank thresholds: shares of each image's regions
+    "FerKD paper": [(0.05, 0.3, 0.995), (0.1, 0.5, 0.995), (0.01, 0.1, 1.0), (0.02, 0.2, 0.95),
+                    (0.0, 0.3, 1.0), (0.1, 0.1, 0.995)],  # p_gt thresholds (SelfMix kept)
+}
+FAMILY_FLAGS = {"FerKD defaults": ["--kd=ferkd", "--thresholds=rank", "--eps=0.1"],
+                "FerKD paper": P_GT + ["--eps=0.1"] + SELFMIX}
+
+
+def grid(family):
+    """The grid's settings of one family: each runs only if `family` is the better of the two."""
+    return {f"{family} {lo:g}/{mid:g}/{top:g}": dict(
+        flags=FAMILY_FLAGS[family] + [f"--t_low={lo:g}", f"--t_mid={mid:g}", f"--t_top={top:g}"],
+        family=family) for lo, mid, top in GRIDS[family]}
+
+
+FERKD_ARMS = ["FerKD defaults", "FerKD paper", *grid("FerKD defaults"), *grid("FerKD paper")]
+STUDIES["cluttered"] = dict(
+    data="cluttered-fashion-mnist", runs=Path("runs/cluttered"), results=Path("results/cluttered.jsonl"),
+    teacher=STUDIES["regime"]["teacher"], labels=STUDIES["regime"]["labels"],
+    label_variants={"labels_k10": ["--regions=32", "--k=10", "--seed=0"]},  # k = C: nothing truncated
+    student=STUDIES["regime"]["student"], epochs=30, schedules={}, ce="CE ls=0",
+    settings={
+        "CE ls=0": ["--kd=none", "--label_smoothing=0"],
+        "online KD": ["--kd=kd", "--teacher={teacher}"],
+        "FKD": ["--kd=fkd"],
+        "FKD k=10": ["--kd=fkd", "--labels={labels_k10}"],
+        "FerKD defaults": ["--kd=ferkd"],  # models.FERKD_DEFAULTS, as the code reads them when it runs
+        "FerKD paper": FERKD + SELFMIX,
+        **grid("FerKD defaults"), **grid("FerKD paper"),
+        "FKD equal time": dict(flags=["--kd=fkd"], equal_time="FKD"),
+        "best FerKD equal time": dict(best_of=FERKD_ARMS, equal_time=True),
+    },
+    pairs=[("FKD", "online KD"), ("FKD k=10", "FKD"), ("FKD equal time", "online KD"),
+           ("best FerKD equal time", "online KD"), *[(name, "FKD") for name in FERKD_ARMS]])
+# k = C and equal time on Fashion-MNIST too (issue 35, items 3 and 4), beside issue 24's arms; the best
+# FerKD arm there on label schema 3 is its defaults (the only one run on it)
+STUDIES["regime"]["label_variants"] = {"labels_k10": ["--regions=32", "--k=10", "--seed=0"]}
+STUDIES["regime"]["settings"].update({
+    "FKD log code k=10": ["--kd=fkd", "--labels={labels_k10}"],
+    "FKD log code equal time": dict(flags=["--kd=fkd"], equal_time="FKD log code"),
+    "FerKD defaults log code equal time": dict(flags=["--kd=ferkd"], equal_time="FerKD defaults log code"),
+})
+STUDIES["regime"]["pairs"] = [("FKD log code k=10", "FKD log code"), ("FKD log code equal time", "online KD"),
+                              ("FerKD defaults log code equal time", "online KD")]
 SEEDS = (0, 1, 2)
+MORE_SEEDS = (3, 4)  # for the pairs of interest whose difference is within a standard error after SEEDS
 
 
 def sh(*args):
@@ -138,42 +201,137 @@ def done(study):
     return {(r["setting"], r["seed"], r.get("epochs", STUDIES[study]["epochs"])): r for r in rows}
 
 
-def run(study="small", settings=None, seeds=SEEDS):
-    """Train every (setting, seed, schedule) of `study` not yet in its results file; one line per run."""
+def spec(study, name):
+    """A setting as a dict: flags (a plain list), or `best_of` (the flags of the best of those settings),
+    `family` (runs only if that family is the better one), `equal_time` (epochs costing online KD's)."""
+    s = STUDIES[study]["settings"][name]
+    return dict(flags=s) if isinstance(s, list) else s
+
+
+def mean_top1(rows, name, epochs, seeds=SEEDS):
+    """Mean top-1 of `name` over `seeds` at `epochs`; None until every one of them has run."""
+    got = [rows[(name, seed, epochs)]["top1"] for seed in seeds if (name, seed, epochs) in rows]
+    return statistics.mean(got) if len(got) == len(seeds) else None
+
+
+def resolve(study, name, rows):
+    """(flags, epochs, what was decided) of a setting now, or a string saying which rows it waits for. Each
+    rule reads the study's own rows at the full schedule, seeds 0-2, and was fixed before any run."""
+    s, sp = STUDIES[study], spec(study, name)
+    E, flags, decided = s["epochs"], sp.get("flags"), {}
+    if "family" in sp:  # the better of the two families by mean top-1
+        means = {f: mean_top1(rows, f, E) for f in GRIDS}
+        if None in means.values():
+            return f"waits for seeds {list(SEEDS)} of {' and '.join(GRIDS)}"
+        if sp["family"] != max(means, key=means.get):
+            return f"not run: {max(means, key=means.get)} is the better FerKD family"
+    if "best_of" in sp:  # the best FerKD arm by mean top-1, among those that ran
+        means = {n: mean_top1(rows, n, E) for n in sp["best_of"]
+                 if isinstance(resolve(study, n, rows), tuple)}
+        if not means or None in means.values():
+            return f"waits for seeds {list(SEEDS)} of every FerKD arm that runs"
+        best = max(means, key=means.get)
+        flags, decided["best_of"] = resolve(study, best, rows)[0], best
+    if sp.get("equal_time"):  # online KD's 30 epochs of training time, at this arm's own cost per epoch
+        arm = decided.get("best_of") if sp["equal_time"] is True else sp["equal_time"]
+        recorded = sorted({e for (n, _, e) in rows if n == name})
+        if recorded:  # the first row fixed the epochs: every seed runs the same schedule
+            return flags, recorded[0], dict(decided, epochs_from="the arm's first row")
+        cost = {}
+        for n in ("online KD", arm):
+            seconds = [r["train_s_per_epoch"] for r in runs_of(rows, n, E) if "train_s_per_epoch" in r]
+            if not seconds:
+                return f"waits for a {E}-epoch row of {n!r} (its seconds per epoch)"
+            cost[n] = statistics.mean(seconds)
+        ratio = cost["online KD"] / cost[arm]
+        return flags, round(E * ratio), dict(decided, time_ratio=round(ratio, 3), time_ratio_of=arm)
+    return flags, E, decided
+
+
+def more_seeds(study, rows):
+    """The settings that take MORE_SEEDS: both arms of each pair of interest whose paired difference over
+    seeds 0-2 is within one standard error (std / sqrt(3)) of zero."""
+    E, extra = STUDIES[study]["epochs"], set()
+    for a, b in STUDIES[study].get("pairs", ()):
+        got = resolve(study, a, rows)  # an equal-time arm pairs its own schedule with the base's full one
+        if not isinstance(got, tuple) or not all((n, seed, e) in rows for n, e in ((a, got[1]), (b, E))
+                                                  for seed in SEEDS):
+            continue
+        diff = [rows[(a, seed, got[1])]["top1"] - rows[(b, seed, E)]["top1"] for seed in SEEDS]
+        if abs(statistics.mean(diff)) < statistics.stdev(diff) / len(diff) ** 0.5:
+            extra.update((a, b))
+    return extra
+
+
+def run(study="small", settings=None, seeds=None):
+    """Train every (setting, seed, schedule) of `study` not yet in its results file; one line per run.
+    `seeds`: those seeds only; None: the study's protocol (SEEDS, then MORE_SEEDS where `more_seeds` says).
+    Passes repeat until one runs nothing, so the arms that read other arms' rows run once those exist."""
     picked, s = chosen(study, settings), STUDIES[study]
+    data = f"--data={s.get('data', 'fashion-mnist')}"
     s["results"].parent.mkdir(exist_ok=True)
     teacher, labels = s["runs"] / "teacher", s["runs"] / "labels.beton"
     if not (teacher / "final.pt").exists():  # a run stopped part-way resumes from its last checkpoint
-        sh("ferkd.py", "train", "--data=fashion-mnist", *s["teacher"], f"--run_dir={teacher}")
+        sh("ferkd.py", "train", data, *s["teacher"], f"--run_dir={teacher}")
     teacher_top1 = json.loads((teacher / "final.json").read_text())["top1"]
-    if not labels.exists():
-        sh("labels.py", "build", "--data=fashion-mnist", f"--teacher={teacher / 'final.pt'}",
-           f"--out={labels}", *s["labels"])
-    names = [n for n in s["settings"] if n in picked]
-    for seed in seeds:  # seeds outermost: an interrupted study still has every setting at seed 0
-        for name in names:
-            for fraction in (1.0, *s["schedules"].get(name, ())):
-                epochs = max(1, round(s["epochs"] * fraction))
-                if (name, seed, epochs) in done(study):
+    files = dict(teacher=teacher / "final.pt", labels=labels,
+                 **{v: s["runs"] / f"{v.replace('_', '-')}.beton" for v in s.get("label_variants", {})})
+
+    def label_file(key):  # built on first use, each from the one teacher
+        if not files[key].exists():
+            sh("labels.py", "build", data, f"--teacher={teacher / 'final.pt'}", f"--out={files[key]}",
+               *(s["labels"] if key == "labels" else s["label_variants"][key]))
+        return files[key]
+    if any(f in ("--kd=fkd", "--kd=ferkd") for n in picked
+           for f in spec(study, n).get("flags") or ["--kd=fkd"]):  # best_of: a FerKD arm's
+        label_file("labels")
+    names, said, ran = [n for n in s["settings"] if n in picked], set(), True
+    while ran:
+        ran, rows = False, done(study)
+        extra = more_seeds(study, rows) if seeds is None else set(names)
+        for seed in (SEEDS + MORE_SEEDS if seeds is None else seeds):  # seeds outermost: an interrupted
+            for name in names:                                           # study has every setting at seed 0
+                if seed in MORE_SEEDS and seeds is None and name not in extra:
                     continue
-                extra = [f.format(teacher=teacher / "final.pt") for f in s["settings"][name]]
-                if any(f in ("--kd=fkd", "--kd=ferkd") for f in extra):
-                    extra.append(f"--labels={labels}")
-                run_dir = s["runs"] / f"{name.replace(' ', '_').replace('/', '-')}-e{epochs}-s{seed}"
-                t0 = time.time()
-                if not (run_dir / "final.json").exists():  # else it finished but was not recorded yet
-                    sh("ferkd.py", "train", "--data=fashion-mnist", *s["student"], f"--epochs={epochs}",
-                       *extra, f"--seed={seed}", f"--run_dir={run_dir}")  # resumes a run stopped part-way
-                log = (run_dir / "metrics.jsonl").read_text().splitlines()
-                final = json.loads((run_dir / "final.json").read_text())
-                row = dict(setting=name, seed=seed, epochs=epochs, flags=s["student"] + extra,
-                           top1=final["top1"], train_s_per_epoch=round(final["train_seconds"] / epochs, 1),
-                           top1_per_epoch=[json.loads(line)["top1"] for line in log],
-                           wall_s=round(time.time() - t0, 1), git=git_revision(), teacher_top1=teacher_top1)
-                with open(s["results"], "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(f"  {name} seed {seed} {epochs} epochs: top-1 {row['top1']:.2f}", flush=True)
+                got = resolve(study, name, done(study))
+                if isinstance(got, str):
+                    if (name, got) not in said:
+                        said.add((name, got))
+                        print(f"  {name}: {got}", flush=True)
+                    continue
+                flags, full, decided = got
+                for fraction in (1.0, *s["schedules"].get(name, ())):
+                    epochs = full if fraction == 1.0 else max(1, round(s["epochs"] * fraction))
+                    if (name, seed, epochs) not in done(study):
+                        one_run(study, name, seed, epochs, flags, decided, files, label_file, teacher_top1)
+                        ran = True
     table(study)
+
+
+def one_run(study, name, seed, epochs, flags, decided, files, label_file, teacher_top1):
+    """Train one student (resuming a run stopped part-way) and append its row to the study's results."""
+    s = STUDIES[study]
+    extra = [f.format(**{k: label_file(k) if k.startswith("labels") else v for k, v in files.items()
+                         if "{" + k + "}" in f}) for f in flags]
+    if any(f in ("--kd=fkd", "--kd=ferkd") for f in extra) and not any(f.startswith("--labels=")
+                                                                       for f in extra):
+        extra.append(f"--labels={label_file('labels')}")
+    run_dir = s["runs"] / f"{name.replace(' ', '_').replace('/', '-')}-e{epochs}-s{seed}"
+    t0 = time.time()
+    if not (run_dir / "final.json").exists():  # else it finished but was not recorded yet
+        sh("ferkd.py", "train", f"--data={s.get('data', 'fashion-mnist')}", *s["student"],
+           f"--epochs={epochs}", *extra, f"--seed={seed}", f"--run_dir={run_dir}")  # resumes a run stopped
+        # part-way
+    log = (run_dir / "metrics.jsonl").read_text().splitlines()
+    final = json.loads((run_dir / "final.json").read_text())
+    row = dict(setting=name, seed=seed, epochs=epochs, flags=s["student"] + extra,
+               top1=final["top1"], train_s_per_epoch=round(final["train_seconds"] / epochs, 1),
+               top1_per_epoch=[json.loads(line)["top1"] for line in log],
+               wall_s=round(time.time() - t0, 1), git=git_revision(), teacher_top1=teacher_top1,
+               **({"decided": decided} if decided else {}))
+    with open(s["results"], "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"  {name} seed {seed} {epochs} epochs: top-1 {row['top1']:.2f}", flush=True)
 
 
 def runs_of(rows, name, epochs):
@@ -186,19 +344,23 @@ def mean_std(values):
     return f"{statistics.mean(values):.2f} ± {std:.2f}"
 
 
-def paired(rows, name, base, epochs):
+def paired(rows, name, base, epochs, base_epochs=None):
     """Top-1 of `name` minus `base`'s, seed by seed at the same schedule (a seed fixes the initial weights and
-    the data order, so a pair differs in the setting), as mean ± std over the seeds both have; '' if none."""
-    diff = [r["top1"] - rows[(base, seed, epochs)]["top1"] for (n, seed, e), r in rows.items()
-            if n == name and e == epochs and (base, seed, epochs) in rows]
+    the data order, so a pair differs in the setting), as mean ± std over the seeds both have; '' if none.
+    `base_epochs`: the base's schedule where it differs (an equal-time arm against the base's full one)."""
+    b = base_epochs or epochs
+    diff = [r["top1"] - rows[(base, seed, b)]["top1"] for (n, seed, e), r in rows.items()
+            if n == name and e == epochs and (base, seed, b) in rows]
     return f"{mean_std(diff)} ({len(diff)})" if diff and name != base else ""
 
 
-def table(study="small", base="FKD", settings=None, ce="CE", short=False):
+def table(study="small", base=None, settings=None, ce=None, short=False):
     """Markdown table: mean ± std of the final top-1 per setting and schedule, its seed-paired differences to
     `ce` and to `base`, training seconds per epoch (clock stopped around evaluation; rows that recorded it),
     the mean curve, and the setting's flags (each row's own, as it ran, are in the results). `short`: the
     full schedule only, without the schedule, run-count and curve columns (the README's table)."""
+    chosen(study, [])  # an unknown study: one error line
+    base, ce = base or STUDIES[study].get("base", "FKD"), ce or STUDIES[study].get("ce", "CE")
     chosen(study, [base, ce])  # the paired columns' bases
     names = chosen(study, settings)
     rows = done(study)
@@ -215,12 +377,14 @@ def table(study="small", base="FKD", settings=None, ce="CE", short=False):
             shown = range(1, len(curve) + 1) if len(curve) <= 8 else sorted(
                 {max(1, round(len(curve) * q)) for q in (0.25, 0.5, 0.75, 1)})  # long curves: quarters
             by_epoch = " ".join(("" if len(curve) <= 8 else f"e{e}: ") + f"{curve[e - 1]:.1f}" for e in shown)
-            flags = " ".join(STUDIES[study]["settings"][name])  # as the current code reads them
+            best = got[0].get("decided", {}).get("best_of", "?")  # best_of: the arm it took
+            flags = " ".join(spec(study, name).get("flags") or [f"{best}'s"])  # as the code reads them now
             seconds = [r["train_s_per_epoch"] for r in got if "train_s_per_epoch" in r]
             top1 = mean_std([r["top1"] for r in got]) + (f" ({len(got)})" if short else "")
-            cells = [name, epochs, len(got), top1, paired(rows, name, ce, epochs),
-                     paired(rows, name, base, epochs), f"{statistics.mean(seconds):.1f}" if seconds else "",
-                     by_epoch, f"`{flags}`"]
+            full = STUDIES[study]["epochs"] if spec(study, name).get("equal_time") else None
+            cells = [name, epochs, len(got), top1, paired(rows, name, ce, epochs, full),
+                     paired(rows, name, base, epochs, full),
+                     f"{statistics.mean(seconds):.1f}" if seconds else "", by_epoch, f"`{flags}`"]
             print("| " + " | ".join(str(cells[i]) for i in keep) + " |")
 
 

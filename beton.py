@@ -265,6 +265,7 @@ def center_boxes(heights, widths, ratio):
 DATASETS = {  # name -> stored image side, default crop resolution, eval crop ratio
     "digits": dict(res=16),         # scikit-learn's 1,797 8x8 digits, upscaled 2x; tests use it
     "fashion-mnist": dict(res=32),  # Debian's dataset-fashion-mnist, 28x28 padded to 32x32
+    "cluttered-fashion-mnist": dict(res=32),  # the same images on 48x48 cluttered canvases (issue 35)
 }
 FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                          "bag", "ankle-boot"]
@@ -316,8 +317,91 @@ def _gray_to_rgb(x):
     return np.ascontiguousarray(np.repeat(x[..., None], 3, axis=-1))
 
 
+# Cluttered Fashion-MNIST (issue 35): FerKD's premise is that random-resized crops differ, some showing the
+# object, some background, some another object. On Fashion-MNIST the object fills the frame, so almost every
+# crop shows it. Here each image is scaled to a random side in OBJECT_SIDES and placed at a random position on
+# a CANVAS x CANVAS black canvas over CLUTTER_PATCHES square patches (sides in PATCH_SIDES) cut at random
+# places from OTHER images of the same split (any class, so some crops show another class): the pattern of
+# Cluttered MNIST (Jaderberg et al. 2015, "Spatial Transformer Networks", section 4.1). Layers are composited
+# by their maximum (the images are bright objects on black), so the result does not depend on paste order.
+# Every choice comes from one seed per split, and the arithmetic is exact (integer-valued float64), so every
+# machine makes the same bytes, and so the same fingerprint, which label files are checked against.
+CANVAS, OBJECT_SIDES, CLUTTER_PATCHES, PATCH_SIDES = 48, (16, 36), 4, (10, 18)  # sides in pixels, inclusive
+CLUTTER_SEEDS = {"train": 35_0, "test": 35_1}  # issue 35; a different stream for each split
+
+
+RESIZE_ONE = 2 ** 16  # the integer weights' unit: ~0.006 of a grey level of error, sums far below 2**53
+
+
+def resize_weights(n_in, n_out, one=RESIZE_ONE):
+    """(n_out, n_in) float64 integer weights, each row summing to exactly `one`: antialiased linear resampling
+    (a triangle filter widened by the downscale factor, pixel centres aligned, as PIL's and torch's
+    `interpolate(mode="bilinear", antialias=True)`), rounded to integers so that `w @ x @ w.T` is exact in
+    float64 (every partial sum an integer below 2**53) whatever the BLAS's order of summation."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    centre = (np.arange(n_out) + 0.5) * scale                          # (n_out,) in input pixels
+    w = np.maximum(0, 1 - np.abs(np.arange(n_in) + 0.5 - centre[:, None]) / support)  # (n_out, n_in)
+    w = np.floor(w / w.sum(1, keepdims=True) * one + 0.5)
+    w[np.arange(n_out), w.argmax(1)] += one - w.sum(1)                  # rows sum to `one` exactly
+    return w
+
+
+def resize_squares(images, side):
+    """(n, s, s) uint8 -> (n, side, side) uint8 by `resize_weights`, rounded half up."""
+    (n, s, _), w = images.shape, resize_weights(images.shape[1], side)
+    cols = images.astype(np.float64).reshape(n * s, s) @ w.T            # (n * s, side): each row resized
+    acc = (cols.reshape(n, s, side).transpose(0, 2, 1).reshape(n * side, s) @ w.T)  # then each column:
+    acc = acc.reshape(n, side, side).transpose(0, 2, 1)                 # (n, side, side), exact integers
+    return ((acc + RESIZE_ONE ** 2 // 2) // RESIZE_ONE ** 2).astype(np.uint8)
+
+
+def clutter_layout(n, seed, source_side=28):
+    """Every random choice of `cluttered_canvases` for n images, drawn at once from `seed`: the object's side
+    and top-left corner (n,) each; for each of the CLUTTER_PATCHES patches (n, P): its source image (never the
+    image itself: an offset of 1..n-1), its side, its top-left corner in the source and on the canvas."""
+    rng = np.random.default_rng(seed)
+    P, (lo, hi), (plo, phi) = CLUTTER_PATCHES, OBJECT_SIDES, PATCH_SIDES
+    side = rng.integers(lo, hi + 1, n)
+    top, left = rng.integers(0, CANVAS - side + 1), rng.integers(0, CANVAS - side + 1)
+    source = (np.arange(n)[:, None] + rng.integers(1, n, (n, P))) % n   # (n, P) another image of the split
+    pside = rng.integers(plo, phi + 1, (n, P))
+    ptop, pleft = rng.integers(0, source_side - pside + 1), rng.integers(0, source_side - pside + 1)
+    ctop, cleft = rng.integers(0, CANVAS - pside + 1), rng.integers(0, CANVAS - pside + 1)
+    return dict(side=side, top=top, left=left, source=source, patch_side=pside, patch_top=ptop,
+                patch_left=pleft, canvas_top=ctop, canvas_left=cleft)
+
+
+def _paste_max(canvas, rows, top, left, tiles):
+    """canvas[rows[i], top[i]:+s, left[i]:+s] = max(itself, tiles[i]) for (m, s, s) tiles, rows distinct."""
+    r, (_, h, w) = np.arange(tiles.shape[1]), canvas.shape
+    at = (rows * (h * w) + top * w + left)[:, None, None] + (r[:, None] * w + r)  # (m, s, s) flat indices
+    flat = canvas.reshape(-1)
+    flat[at] = np.maximum(flat[at], tiles)
+
+
+def cluttered_canvases(images, seed):
+    """(n, 28, 28) uint8 images -> (n, CANVAS, CANVAS) uint8 canvases and their `clutter_layout`. Vectorized
+    by side: one resize and one paste per object side, one gather and paste per patch slot and side."""
+    n = len(images)
+    lay = clutter_layout(n, seed, images.shape[1])
+    canvas = np.zeros((n, CANVAS, CANVAS), np.uint8)
+    for p in range(CLUTTER_PATCHES):
+        for s in np.unique(lay["patch_side"][:, p]):
+            rows = np.flatnonzero(lay["patch_side"][:, p] == s)
+            r = np.arange(s)
+            src, ptop, pleft = (lay[k][rows, p] for k in ("source", "patch_top", "patch_left"))
+            patch = images[src[:, None, None], (ptop[:, None] + r)[:, :, None], (pleft[:, None] + r)[:, None]]
+            _paste_max(canvas, rows, lay["canvas_top"][rows, p], lay["canvas_left"][rows, p], patch)
+    for s in np.unique(lay["side"]):
+        rows = np.flatnonzero(lay["side"] == s)
+        _paste_max(canvas, rows, lay["top"][rows], lay["left"][rows], resize_squares(images[rows], s))
+    return canvas, lay
+
+
 def load_dataset(data, split):
-    """`data`: "digits" | "fashion-mnist" | "imagefolder:/path" (with train/ and val/ class folders)."""
+    """`data`: "digits" | "fashion-mnist" | "cluttered-fashion-mnist" | "imagefolder:/path" (with train/ and
+    val/ class folders)."""
     if split not in ("train", "test"):
         raise UserError(f"unknown split {split!r}")
     if data == "digits":
@@ -329,14 +413,17 @@ def load_dataset(data, split):
         keep = test if split == "test" else ~test
         return Dataset(data, split, [str(i) for i in range(10)], d.target[keep].astype(np.int64),
                        _gray_to_rgb(x[keep]), DATASETS[data]["res"])
-    if data == "fashion-mnist":
+    if data in ("fashion-mnist", "cluttered-fashion-mnist"):
         root = _fashion_mnist_dir()
         prefix = "train" if split == "train" else "t10k"
         img_path, lab_path = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
         if not img_path.exists():
             raise UserError(f"{img_path} not found: install Debian's dataset-fashion-mnist (./setup.sh does)")
-        x = np.pad(_read_idx(img_path), ((0, 0), (2, 2), (2, 2)))  # 28 -> 32: crops and strides divide evenly
-        y = _read_idx(lab_path).astype(np.int64)
+        x, y = _read_idx(img_path), _read_idx(lab_path).astype(np.int64)
+        if data == "cluttered-fashion-mnist":  # evaluated on the whole canvas, trained on crops at 32 px
+            x = cluttered_canvases(x, CLUTTER_SEEDS[split])[0]
+        else:
+            x = np.pad(x, ((0, 0), (2, 2), (2, 2)))  # 28 -> 32: crops and strides divide evenly
         return Dataset(data, split, FASHION_MNIST_CLASSES, y, _gray_to_rgb(x), DATASETS[data]["res"])
     if data.startswith("imagefolder:"):
         root = Path(data.split(":", 1)[1]).expanduser().resolve()
@@ -358,7 +445,8 @@ def load_dataset(data, split):
         if not paths:
             raise UserError(f"{sub} holds no images ({', '.join(sorted(exts))})")
         return Dataset(f"imagefolder:{root}", split, classes, np.array(labels, np.int64), paths, 224)
-    raise UserError(f"unknown dataset {data!r}: use digits, fashion-mnist or imagefolder:/path")
+    raise UserError(f"unknown dataset {data!r}: use digits, fashion-mnist, cluttered-fashion-mnist or "
+                    "imagefolder:/path")
 
 
 class _FFCVSource:

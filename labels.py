@@ -5,7 +5,7 @@ Region soft labels for FKD / FerKD, stored beside the images in one FFCV `.beton
     python labels.py build --data=imagefolder:/data/imagenet --teacher=torchvision:resnet50 --out=in1k.beton
     python labels.py build --data=imagefolder:/data/imagenet --teacher=timm:convnext_base --out=in1k.beton
     torchrun --nproc_per_node=8 labels.py build ...   # each process takes a share of the chunks; same bytes
-    python labels.py inspect data/fm-labels.beton --rows=3   # the header and the first records
+    python labels.py inspect data/fm-labels.beton --rows=3   # the header, p_gt's spread, the first records
     python labels.py show data/fm-labels.beton --out=regions.png --thresholds=p_gt --t_low=0.1 --t_mid=0.5 \
         --t_top=0.99
 
@@ -314,8 +314,25 @@ class InspectConfig:
     rows: int = 3  # images whose first three region records are printed
 
 
+SPREAD = (0.1, 0.9)  # p_gt below the first is a region that hardly shows its class, above the second one
+# that clearly does (issue 35): their shares tell whether the regions differ, FerKD's premise
+
+
+def pgt_spread(counts):
+    """(share of regions with p_gt < 0.1, share with p_gt > 0.9) from (256,) counts of the stored p_gt byte,
+    decoded as `unpack_regions` decodes it (byte / 255)."""
+    p = np.arange(256) / 255
+    return counts[p < SPREAD[0]].sum() / counts.sum(), counts[p > SPREAD[1]].sum() / counts.sum()
+
+
+def spread_text(counts):
+    low, high = pgt_spread(counts)
+    return f"p_gt < {SPREAD[0]:g} on {low:.1%} of regions, > {SPREAD[1]:g} on {high:.1%}"
+
+
 def inspect(path, **flags):
-    """Print a label file's header and its first region records: python labels.py inspect FILE [--rows=3]."""
+    """Print a label file's header, the spread of p_gt over all its regions (one pass over the file), and its
+    first region records: python labels.py inspect FILE [--rows=3]."""
     c = parse_config(InspectConfig, flags)
     if c.rows < 0:
         raise UserError(f"--rows must be >= 0, got {c.rows}")
@@ -323,6 +340,9 @@ def inspect(path, **flags):
     header = read_header(path)
     print(json.dumps({k: v for k, v in header.items() if k != "classes"}, indent=1))
     table = read_regions(path, header, copy=False)
+    counts = pgt_histogram(table, None, header["k"])[0]
+    print(f"{len(table)} images x {header['regions']} regions: {spread_text(counts)}"
+          + (" (p_gt estimated on some: see pgt_estimated)" if header.get("pgt_estimated") else ""))
     ids, probs, pgt, flip = unpack_regions(torch.from_numpy(np.array(table[:rows])), header["k"])
     for i in range(min(rows, len(table))):
         for r in range(min(3, header["regions"])):
@@ -696,11 +716,13 @@ def decode_whole(path, pick, heights, widths):
 
 
 def pgt_histogram(table, cat, k):
-    """(3, 256) counts of the stored p_gt byte per category over the whole file, a chunk of images at a
-    time."""
+    """(3, 256) counts of the stored p_gt byte per category (None: all in row 0) over the whole file, a chunk
+    of images at a time."""
     hist = np.zeros(3 * 256, np.int64)
     for s in range(0, len(table), CHUNK_IMAGES):
-        key = cat[s:s + CHUNK_IMAGES].astype(np.int64) * 256 + table[s:s + CHUNK_IMAGES, :, 4 + 3 * k]
+        key = table[s:s + CHUNK_IMAGES, :, 4 + 3 * k].astype(np.int64)
+        if cat is not None:
+            key += cat[s:s + CHUNK_IMAGES].astype(np.int64) * 256
         hist += np.bincount(key.ravel(), minlength=3 * 256)
     return hist.reshape(3, 256)
 
@@ -782,8 +804,9 @@ def show(path, **flags):
     ax.set_xlim(0, 1)
     ax.set_xlabel("p_gt: the teacher's probability of the true class, per region (stored as round(255 p))")
     ax.set_ylabel("regions")
+    spread = spread_text(hist.sum(0))
     ax.set_title(f"{path}: {N} images x {R} regions, teacher {header['teacher']['name']}; " + ", ".join(
-        f"{name} {s:.1%}" for (name, _), s in zip(CATEGORY, share)) + guessed, fontsize=10)
+        f"{name} {s:.1%}" for (name, _), s in zip(CATEGORY, share)) + f"\n{spread}" + guessed, fontsize=10)
     ax.legend(loc="upper center")
     try:
         atomic_write(c.out, lambda tmp: fig.savefig(tmp, dpi=110))
@@ -791,7 +814,7 @@ def show(path, **flags):
         plt.close(fig)
     print(f"wrote {c.out}: {len(pick)} images, {n_show} regions each; regions dropped / hard / soft at "
           f"--thresholds={mode} t_low={t['t_low']:g} t_mid={t['t_mid']:g} t_top={t['t_top']:g}: "
-          + " / ".join(f"{s:.1%}" for s in share) + guessed)
+          + " / ".join(f"{s:.1%}" for s in share) + f"; {spread}" + guessed)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The study tables the README quotes are computed from the raw rows: means over seeds and seed-paired
 differences."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,79 @@ def test_unknown_study_or_setting_is_one_error_line(args, words, tmp_path):
     """Run away from the repository: a study that did start would fail at once, finding no ferkd.py there,
     instead of training its teacher."""
     assert words in one_error_line(cli(ROOT / "ablation.py", *args, cwd=tmp_path, check=False))
+
+
+def fake_study(tmp_path, monkeypatch, top1, seconds):
+    """The cluttered study with its teacher and label file faked and `one_run` replaced by a row written at
+    once: top1(name, seed) and seconds(name) per epoch. Returns the list of runs made, in order."""
+    s = ablation.STUDIES["cluttered"]
+    runs, results = tmp_path / "runs", tmp_path / "cluttered.jsonl"
+    (runs / "teacher").mkdir(parents=True)
+    (runs / "teacher" / "final.json").write_text('{"top1": 90.0}')
+    (runs / "teacher" / "final.pt").write_bytes(b"")
+    (runs / "labels.beton").write_bytes(b"")
+    monkeypatch.setitem(s, "runs", runs)
+    monkeypatch.setitem(s, "results", results)
+    made = []
+
+    def one_run(study, name, seed, epochs, flags, decided, files, label_file, teacher_top1):
+        if "--labels={labels_k10}" in flags:
+            label_file("labels_k10")
+        made.append((name, seed, epochs, decided))
+        row = dict(setting=name, seed=seed, epochs=epochs, flags=flags, top1=top1(name, seed),
+                   train_s_per_epoch=seconds(name), top1_per_epoch=[top1(name, seed)],
+                   **({"decided": decided} if decided else {}))
+        with open(results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    monkeypatch.setattr(ablation, "one_run", one_run)
+
+    def sh(*args):  # the k=10 label build
+        made.append(args)
+        Path(next(a for a in args if a.startswith("--out="))[6:]).write_bytes(b"")
+    monkeypatch.setattr(ablation, "sh", sh)
+    return made
+
+
+def test_cluttered_protocol_runs_each_rule_once_its_rows_exist(tmp_path, monkeypatch, capsys):
+    """Issue 35's protocol, fixed before its runs: the grid of the better family only (here "FerKD paper"),
+    the best FerKD arm and FKD at online KD's 30 epochs of time by the study's own seconds per epoch, seeds 3
+    and 4 for the pairs within a standard error after seeds 0-2 and for no other."""
+    grid_best = "FerKD paper 0.1/0.5/0.995"
+    base = {"CE ls=0": 85.0, "online KD": 88.0, "FKD": 87.0, "FKD k=10": 87.1, "FerKD defaults": 86.0,
+            "FerKD paper": 86.5, grid_best: 88.0, "FKD equal time": 89.0, "best FerKD equal time": 92.0}
+    noise = {0: 0.0, 1: 0.5, 2: -0.5, 3: 0.2, 4: -0.2}
+    top1 = lambda name, seed: base.get(name, 86.6) + noise[seed] * (name != "FKD k=10")
+    seconds = lambda name: 30.0 if name == "online KD" else 10.0 if name != grid_best else 12.0
+    made = fake_study(tmp_path, monkeypatch, top1, seconds)
+    ablation.run("cluttered")
+    runs = [m for m in made if len(m) == 4]
+    runs_dir = tmp_path / "runs"
+    assert [args for args in made if len(args) != 4] == [  # the k=10 labels, built once from the one teacher
+        ("labels.py", "build", "--data=cluttered-fashion-mnist", f"--teacher={runs_dir}/teacher/final.pt",
+         f"--out={runs_dir}/labels-k10.beton", "--regions=32", "--k=10", "--seed=0")]
+    by = {}
+    for name, seed, epochs, decided in runs:
+        by.setdefault(name, set()).add((seed, epochs))
+    assert len(runs) == sum(len(v) for v in by.values())  # nothing ran twice
+    assert not [n for n in by if n.startswith("FerKD defaults ")]  # the worse family's grid never ran
+    assert all(by[n] == {(s, 30) for s in (0, 1, 2)} for n in ablation.grid("FerKD paper"))
+    assert by["FKD equal time"] == {(s, 90) for s in (0, 1, 2)}  # 30 x 30.0 / 10.0
+    assert by["best FerKD equal time"] == {(s, 75) for s in (0, 1, 2)}  # its own cost: 30 x 30.0 / 12.0
+    best = [d for n, _, _, d in runs if n == "best FerKD equal time"]
+    assert all(d["best_of"] == grid_best for d in best) and best[0]["time_ratio"] == 2.5, best
+    assert all(d["epochs_from"] == "the arm's first row" for d in best[1:]), best  # later seeds follow it
+    # within one standard error of zero after seeds 0-2: FKD k=10 - FKD (0.1 against 0.29) and every grid
+    # arm at 86.6 against FKD's 87.0 (-0.4 against 0.29 is not: no more seeds for them)
+    five = {n for n, v in by.items() if len(v) == 5}
+    assert five == {"FKD k=10", "FKD"}, five
+    assert "FKD equal time" in capsys.readouterr().out  # the table at the end
+
+
+def test_arms_that_read_other_rows_wait_for_them(tmp_path, monkeypatch):
+    """Before any row: the grid, the best FerKD arm and the equal-time arms say what they wait for."""
+    rows = {}
+    assert "waits for seeds [0, 1, 2] of FerKD defaults and FerKD paper" == ablation.resolve(
+        "cluttered", "FerKD paper 0.1/0.5/0.995", rows)
+    assert "waits for a 30-epoch row of 'online KD'" in ablation.resolve("cluttered", "FKD equal time", rows)
+    assert "every FerKD arm" in ablation.resolve("cluttered", "best FerKD equal time", rows)
+    assert ablation.resolve("cluttered", "FKD k=10", rows) == (["--kd=fkd", "--labels={labels_k10}"], 30, {})

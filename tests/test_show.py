@@ -67,3 +67,39 @@ def test_inspect_and_show_take_flags_like_every_command(built, tmp_path):
     p = cli("labels.py", "show", path, f"--out={tmp_path / 'x.png'}", "--images=many", check=False)
     assert "--images takes a" in one_error_line(p)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_pgt_spread_counts_the_stored_values_beyond_the_bounds():
+    """A synthetic table with known p_gt, as stored (round(255 p)): 0.1 is stored as 26/255 = 0.102 and
+    0.898 as 229/255, in neither share; 0.098 (25/255) and 0.902 (230/255) are in them."""
+    import numpy as np
+    import beton
+    import labels
+    N, R, k = 40, 10, 5
+    pgt = np.array([0.0, 0.05, 0.098, 0.1, 0.5, 0.898, 0.902, 0.95, 1.0, 0.3] * N).reshape(N, R)  # 3 low,
+    # 3 high
+    rng = np.random.default_rng(0)
+    table = beton.pack_regions(np.tile(beton.full_boxes(1), (N, R, 1)), np.zeros((N, R), bool),
+                               rng.integers(0, 10, (N, R, k)), np.full((N, R, k), 0.1), pgt, 10)
+    counts = labels.pgt_histogram(table, None, k)[0]
+    assert counts.sum() == N * R
+    assert labels.pgt_spread(counts) == (0.3, 0.3)
+    assert labels.spread_text(counts) == "p_gt < 0.1 on 30.0% of regions, > 0.9 on 30.0%"
+
+
+def test_inspect_and_show_report_the_spread_of_pgt(built, tmp_path):
+    """Both commands state the shares of regions with p_gt < 0.1 and > 0.9 over the whole file (issue 35),
+    as the trainer's decoder reads p_gt."""
+    import numpy as np
+    import torch
+    import beton
+    _, path = built
+    header = beton.read_header(path)
+    pgt = beton.unpack_regions(torch.from_numpy(np.array(beton.read_regions(path, header))), header["k"])[2]
+    low, high = (pgt < 0.1).double().mean().item(), (pgt > 0.9).double().mean().item()
+    assert 0 < low < 1 and 0 < high < 1  # the teacher is neither sure nor lost on every region
+    expected = f"p_gt < 0.1 on {low:.1%} of regions, > 0.9 on {high:.1%}"
+    p = cli("labels.py", "inspect", path, "--rows=1")
+    assert f"{len(pgt)} images x {header['regions']} regions: {expected}" in p.stdout, p.stdout
+    p = cli("labels.py", "show", path, f"--out={tmp_path / 's.png'}", "--images=1")
+    assert expected in p.stdout, p.stdout
