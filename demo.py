@@ -64,9 +64,10 @@ def main():
         line, t = run("ferkd.py", "train", DATA, *DEMO["student"], f"--epochs={epochs}",
                       *setting_flags(DEMO, name), "--seed=0", f"--run_dir={run_dir}")
         final = json.loads(line)
+        gain = None if ce is None else final["top1"] - ce
         ce = final["top1"] if ce is None else ce  # CE is the first setting
-        rows.append((f"student {flag(DEMO['student'], 'arch')} ({name})", epochs, final["top1"],
-                     final["top1"] - ce, final["train_seconds"] / epochs, t))
+        rows.append((f"student {flag(DEMO['student'], 'arch')} ({name})", epochs, final["top1"], gain,
+                     final["train_seconds"] / epochs, t))
     subset = int(flag(DEMO["student"], "subset"))
     print(f"\nFashion-MNIST test set (10,000 images), one seed, this machine; students on {subset:,} "
           f"training images, {flag(DEMO['labels'], 'regions')} stored regions per image; "
