@@ -14,9 +14,11 @@ last checkpoint, so a study can be stopped and re-run across sessions):
     python ablation.py table --study=demo
 
 "small" (results/README.md): a small32 teacher trained with CE and label smoothing for 4 epochs on all
-60,000 training images (88.5% test top-1; the demo's teacher); its labels with 4 regions per image, top-5;
-students small16 on the first 10,000 images (a low-data student, where distillation has room to help), 2 crops
-per image, 4 epochs, 3 seeds.
+60,000 training images (88.5% test top-1; the demo's teacher before issue 36); its labels with 4 regions per
+image, top-5; students small16 on the first 10,000 images (a low-data student, where distillation has room to
+help), 2 crops per image, 4 epochs, 3 seeds.
+
+"demo" (issue 36): the regime of `make demo` (demo.py runs its seed 0; see the comment at STUDIES["demo"]).
 
 "regime" (issue 16; fixed before any of it ran, not tuned to an answer): a small64 teacher trained for 30
 epochs without label smoothing (so p_gt reaches the top band and t_top has something to act on); its labels

@@ -11,6 +11,7 @@ see only 2,000 of them (issue 36).
     4. print each model's test top-1, each student's gain over CE and its training seconds per epoch.
 
 Every step is the command a user types; the commands are printed as they run. Runs land in runs/demo/.
+FerKD is left out to keep the demo near 15 minutes with set-up; ablation.py's "regime" study compares it.
 The regime is ablation.py's "demo" study; its seed noise (every student at seeds 0-4, the same teacher and
 labels) is in results/demo_noise.jsonl and the README's demo section: `python ablation.py run --study=demo
 --seeds='[0,1,2,3,4]'` after this demo re-uses its teacher, its labels and its seed-0 students.
