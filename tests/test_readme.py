@@ -1,5 +1,6 @@
 """The README's usage commands, run as written except for the data set (digits instead of Fashion-MNIST) and
 one epoch per training run: each flag must exist and each command must find what the one before it wrote."""
+import itertools
 import re
 import shlex
 import subprocess
@@ -68,3 +69,16 @@ def test_readme_study_table_reads_the_results(capsys):
             break
         rows.append(line)
     assert len(rows) >= 5 and not set(rows) - set(made[2:]), set(rows) - set(made[2:])
+
+
+def test_readme_demo_noise_table_reads_the_results(capsys):
+    """results/README.md's seed-noise table for the demo is `python ablation.py table --study=demo
+    --base="online KD" --short` over results/demo_noise.jsonl as committed (issue 36)."""
+    import ablation
+    ablation.table("demo", base="online KD", short=True)
+    made = capsys.readouterr().out.splitlines()
+    text = (ROOT / "results" / "README.md").read_text().splitlines()
+    assert made[0] in text, made[0]
+    start = text.index(made[0]) + 2
+    rows = list(itertools.takewhile(lambda line: line.startswith("|"), text[start:]))
+    assert rows == made[2:], (rows, made[2:])
