@@ -693,9 +693,7 @@ def replay_rate(path, qboxes, flips, res, crops, workers, rows=256, epochs=1, se
     """(rows/s, JPEG decodes per row) of `ferkd.py train`'s loader on the images of an FFCV file: per image,
     `crops` distinct regions among its stored boxes `qboxes` (N, R, 4) uint8 and flips (N, R), batches of
     `rows` rows (rows / crops images), `workers` FFCV threads. Epoch 0 warms up (FFCV's JIT of the pipeline,
-    its threads), then `epochs` whole epochs are timed. The warm-up reads its epoch to the end: closed early,
-    FFCV's pipeline thread can block forever on a full queue at the epoch's end (its last `put` has no
-    timeout), and `epoch_batches`' clean-up waits for that thread."""
+    its threads), then `epochs` whole epochs are timed."""
     import beton
     heights, widths = beton.image_sizes(path)
     pick = np.argsort(np.random.default_rng(seed).random(flips.shape), axis=1)[:, :crops]  # distinct regions

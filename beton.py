@@ -36,6 +36,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import queue
 import re
 import shutil
 import signal
@@ -764,10 +765,11 @@ def epoch_order(loader, epoch):
 
 def epoch_batches(loader, epoch, skip=0):
     """FFCV's batches of `epoch`, starting after the first `skip` (a resumed epoch), as Loader.__iter__ makes
-    them, plus three things it lacks: torch's thread count is kept (FFCV sets it to num_workers at every epoch
+    them, plus four things it lacks: torch's thread count is kept (FFCV sets it to num_workers at every epoch
     start, which would run a CPU step or teacher on 2 threads on any machine); a failure in the pipeline
     thread is raised here instead of hanging; a stored image that does not decode stops the epoch before its
-    batch is handed out, naming the image. The order is `epoch_order`'s; skipped images are not decoded."""
+    batch is handed out, naming the image; a consumer that stops early never hangs (FFCV's thread can block
+    forever on a full queue at the epoch's end). The order is `epoch_order`'s; skipped images are not decoded."""
     from ffcv.pipeline.compiler import Compiler
     threads = torch.get_num_threads()
     Compiler.set_num_threads(loader.num_workers)  # as __iter__ does (it also sets torch's thread count)
@@ -786,9 +788,14 @@ def epoch_batches(loader, epoch, skip=0):
             yield batch
         if batches.error is not None:
             raise UserError(f"the data loader failed ({type(batches.error).__name__}: {batches.error})")
-    finally:  # also when the consumer stops early: stop the thread and wait for it (exiting under it aborts)
+    finally:  # also when the consumer stops early: stop the thread and wait for it (exiting under it aborts).
+        batches.terminate_event.set()  # its puts of batches wait at most 0.5 s and then see this; its last put
+        while batches.is_alive():      # (the epoch's end, or an error) waits for room: take what it holds
+            try:
+                batches.output_queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
         batches.close()
-        batches.join()
 
 
 def to_model_input(images, device, mean=MEAN, std=STD):

@@ -4,6 +4,8 @@ A session fixture trains a small teacher with `ferkd.py train --kd=none` and bui
 `labels.py build`, both through the command line as a user would; the tests then check the file against
 independent recomputations and train an FKD student from it.
 """
+import time
+
 import cv2
 import numpy as np
 import pytest
@@ -314,6 +316,24 @@ def test_a_failing_loader_thread_is_an_error_not_a_hang(built, monkeypatch):
     with pytest.raises(runtime.UserError, match="simulated failure"):
         for _ in beton.epoch_batches(loader, 0):
             pass
+
+
+@pytest.mark.timeout(60)  # FFCV's own epoch iterator waits forever here
+def test_stopping_early_at_the_epochs_end_does_not_hang(built):
+    """A consumer that stops when exactly the queue's worth of batches (FFCV's batches_ahead) is left: FFCV's
+    thread fills the queue with them and then blocks on its last put, the epoch's end, which has no timeout;
+    epoch_batches' clean-up must not wait for it forever."""
+    import beton
+    _, path = built
+    h, w = beton.image_sizes(path)
+    plan = np.concatenate([beton.box_pixels(beton.full_boxes(len(h)), h, w), np.zeros((len(h), 1), np.int32)],
+                          1)
+    loader = beton.region_loader(path, np.ascontiguousarray(plan[:, None]), 16, -(-len(h) // 4), num_workers=1)
+    assert len(loader) == 1 + loader.batches_ahead
+    batches = beton.epoch_batches(loader, 0)
+    next(batches)
+    time.sleep(1)  # the thread fills the queue and reaches the epoch's end meanwhile
+    batches.close()  # as a `break` does when the generator is dropped, but here, where a hang is seen
 
 
 def test_epoch_orders_of_two_seeds_are_independent():
