@@ -264,22 +264,43 @@ def region_plans(c, header, table, heights, widths):
     count = (cat > 0).sum(1)  # FerKD: dropped regions are never replayed
     kept_images = np.flatnonzero(count > 0)
 
-    def fill(epoch):
-        # kept regions first in a random order per image, then crop j takes the ((start + j) mod count)-th:
-        # distinct regions while crops <= count, every kept region equally likely
+    def fill(epoch):  # per image, `crops` distinct kept regions (while crops <= count), uniformly
         choice = np.empty((N, c.crops), np.int64)
         for s in range(0, N, CHUNK_IMAGES):
             e = min(N, s + CHUNK_IMAGES)
-            rng = np.random.default_rng([c.seed, epoch, s])
-            order = np.argsort(np.where(cat[s:e] > 0, rng.random((e - s, R)), 2.0), axis=1)
-            start = rng.integers(0, R, e - s)[:, None]
-            pos = (start + np.arange(c.crops)) % np.maximum(count[s:e], 1)[:, None]
-            choice[s:e] = np.take_along_axis(order, pos, axis=1)             # (n, crops)
+            pos = distinct_positions(np.random.default_rng([c.seed, epoch, s]), count[s:e], c.crops)
+            choice[s:e] = kept_regions(cat[s:e], count[s:e], pos)            # (n, crops)
             rec = table[np.arange(s, e)[:, None], choice[s:e]]                # (n, crops, D)
             flip = unpack_regions(torch.from_numpy(rec), k)[3].numpy()
             plan[s:e] = region_plan(rec[..., :4], flip, heights[s:e, None], widths[s:e, None])
         return torch.from_numpy(choice)
     return plan, fill, kept_images, cat
+
+
+def distinct_positions(rng, count, n):
+    """(len(count), n) places among each row's `count` kept regions: an ordered sample without replacement
+    (crop j draws uniformly among the places crops 0..j-1 did not take); past `count` the row repeats its
+    first places in turn. O(n^2) per row, where a random order of all R regions per image (an argsort of N x
+    R numbers, several seconds per epoch at 1.28M x 300) would be O(R log R)."""
+    pos = np.zeros((len(count), n), np.int64)
+    for j in range(n):
+        p = rng.integers(0, np.maximum(count - j, 1))        # the p-th place not yet taken ...
+        for q in np.sort(pos[:, :j], axis=1).T:              # ... is p shifted past each taken place below it
+            p += p >= q
+        again = np.take_along_axis(pos, (j % np.maximum(count, 1))[:, None], 1)[:, 0]
+        pos[:, j] = np.where(j < count, p, again)
+    return pos
+
+
+def kept_regions(cat, count, pos):
+    """The region index of each place: the pos-th region with category > 0 in its row of `cat` (n, R)."""
+    R = cat.shape[1]
+    choice = pos.copy()
+    rows = np.flatnonzero(count < R)  # rows where FerKD dropped regions (none with FKD)
+    if len(rows):
+        kept_so_far = np.cumsum(cat[rows] > 0, axis=1, dtype=np.int32)   # (m, R)
+        choice[rows] = (kept_so_far[:, None, :] <= pos[rows][..., None]).sum(2)
+    return np.minimum(choice, R - 1)  # an image with no kept region (never loaded) gets a valid index
 
 
 def ce_loss(label_smoothing):

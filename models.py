@@ -294,7 +294,8 @@ def rank_scores(pgt):
     thresholds compare this instead of p_gt: the paper's per-image hard-region mining, whose split adapts to
     each image and teacher. pgt (n, R) uint8 stored p_gt bytes -> (n, R) uint8, R >= 2."""
     R = pgt.shape[1]
-    place = np.argsort(np.argsort(pgt, axis=1, kind="stable"), axis=1)
+    place = np.empty(pgt.shape, np.int64)  # the inverse of the stable order (a radix sort of bytes): a scatter
+    np.put_along_axis(place, np.argsort(pgt, axis=1, kind="stable"), np.arange(R)[None], axis=1)
     return ((place * 510 + R - 1) // (2 * (R - 1))).astype(np.uint8)
 
 
@@ -312,10 +313,13 @@ def region_scores(table, k, by_rank):
 
 def region_categories(table, k, t_low, t_mid, t_top, by_rank=False):
     """FerKD's category of every stored region, (N, R) int8: 0 dropped, 1 hard, 2 soft (region_category on
-    the stored p_gt byte, or on its place in the image with `by_rank`), a chunk of images at a time."""
+    the stored p_gt byte, or on its place in the image with `by_rank`), a chunk of images at a time. The score
+    is a byte: region_category of its 256 values, as unpacked, is a table to look it up in."""
+    lut = region_category(torch.arange(256, dtype=torch.uint8).float() / 255, t_low, t_mid, t_top).numpy()
+    if (lut == lut[0]).all() and not by_rank:  # FKD (0, 0, 1): one category, the table need not be read
+        return np.full(table.shape[:2], lut[0])
     score = region_scores(table, k, by_rank)
     cat = np.empty(table.shape[:2], np.int8)
     for s in range(0, len(table), CHUNK_IMAGES):
-        p = torch.from_numpy(np.ascontiguousarray(score[s:s + CHUNK_IMAGES])).float() / 255  # as unpacked
-        cat[s:s + CHUNK_IMAGES] = region_category(p, t_low, t_mid, t_top).numpy()
+        cat[s:s + CHUNK_IMAGES] = lut[score[s:s + CHUNK_IMAGES]]
     return cat

@@ -50,6 +50,28 @@ def test_region_selection_respects_thresholds(t_low, t_mid, t_top):
     assert np.array_equal(seen[images], kept[images])  # and every kept region comes up over epochs
 
 
+def test_crops_are_an_ordered_sample_of_kept_regions():
+    """fill's sampler: an image's crops are distinct kept regions while crops <= its kept count, every ordered
+    tuple of them equally likely; past the count the crops repeat in turn; an image with none gets an index
+    that exists (it is never loaded)."""
+    n, R = 24000, 6
+    cat = np.zeros((n, R), np.int8)
+    cat[:, [0, 2, 3, 5]] = 2
+    cat[n // 2:, [2, 5]] = 0          # the second half keeps regions 0 and 3 only
+    cat[-1] = 0                      # and the last image none
+    count = (cat > 0).sum(1)
+    choice = ferkd.kept_regions(cat, count, ferkd.distinct_positions(np.random.default_rng(0), count, 3))
+    assert choice.shape == (n, 3) and choice.min() >= 0 and choice.max() < R
+    four, two = choice[:n // 2], choice[n // 2:-1]
+    assert np.isin(four, [0, 2, 3, 5]).all() and np.isin(two, [0, 3]).all()
+    assert all((four[:, i] != four[:, j]).all() for i, j in ((0, 1), (0, 2), (1, 2)))
+    assert (two[:, 0] != two[:, 1]).all() and (two[:, 2] == two[:, 0]).all()  # 2 kept: the third repeats the first
+    for rows, tuples in ((four, 24), (two[:, :2], 2)):  # ordered tuples: 4 x 3 x 2 and 2 x 1
+        _, counts = np.unique(rows, axis=0, return_counts=True)
+        expected = len(rows) / tuples
+        assert len(counts) == tuples and np.abs(counts - expected).max() < 5 * np.sqrt(expected), counts
+
+
 def test_selfmix_labels_are_the_pasted_area():
     for mix in ("cutmix", "mixup"):
         c = ferkd.TrainConfig(kd="ferkd", labels="x", crops=2, mix=mix, mix_prob=0.7, mix_alpha=1.0)
