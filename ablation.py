@@ -166,7 +166,7 @@ SEEDS = (0, 1, 2)
 MORE_SEEDS = (3, 4)  # for the pairs of interest whose difference is within a standard error after SEEDS
 # the demo's regime (demo.py runs its seed 0; `run --study=demo --seeds=[0,1,2,3,4]` measured its seed noise,
 # issue 36): a small16 teacher on all 60,000 images for 6 epochs (7.5x the image passes of a student);
-# students on 2,000 images (the first 2,000: 186-216 per class), where the teacher knows far more than they
+# students on 2,000 images (class-stratified: 200 per class), where the teacher knows far more than they
 # can learn from their own labels; 6 regions per image keep the label build near 1.5 minutes on 2 cores
 STUDIES["demo"] = dict(
     runs=Path("runs/demo"), results=Path("results/demo_noise.jsonl"),

@@ -5,8 +5,8 @@ see only 2,000 of them (issue 36).
 
     1. train a teacher without label smoothing     python ferkd.py train --kd=none --arch=small16 --epochs=6
     2. build its region labels                     python labels.py build --regions=6
-    3. train three students on the first 2,000 training images, 2 crops per image, for the same epochs and
-       data order: cross-entropy (CE), FKD (the teacher's stored soft labels, no teacher at train time) and
+    3. train three students on 2,000 training images (--subset: 200 per class), 2 crops per image, for the
+       same epochs and data order: cross-entropy (CE), FKD (the teacher's stored soft labels, no teacher at train time) and
        online KD (--kd=kd: the teacher scores every crop of every step, the method FKD approximates)
     4. print each model's test top-1, each student's gain over CE and its training seconds per epoch.
 
