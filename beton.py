@@ -292,6 +292,30 @@ class Dataset:
                 h.update(f"{p}:{os.path.getsize(p)}\n".encode())
         return h.hexdigest()[:16]
 
+    def subset(self, n):
+        """The images of `subset_images(labels, n)`, in index order (`labels.py build --subset=N`)."""
+        idx = subset_images(self.labels, n)
+        images = self.images[idx] if isinstance(self.images, np.ndarray) else [self.images[i] for i in idx]
+        return dataclasses.replace(self, labels=self.labels[idx], images=images)
+
+
+def subset_images(labels, n):
+    """--subset=N: N image indices (sorted) drawn without replacement, each class keeping its share of the
+    dataset (largest remainders). A function of (labels, n) only, like a split: every rank, every resumption,
+    every --seed and `labels.py build --subset=N` take the same images, so runs at different seeds differ
+    only in training's randomness. The first N images of an image folder (sorted by class) were one or two
+    classes."""
+    labels = np.asarray(labels)
+    if n >= len(labels):
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = n * counts / len(labels)
+    quota = np.floor(exact).astype(np.int64)
+    quota[np.argsort(-(exact - quota), kind="stable")[:n - quota.sum()]] += 1
+    rng = np.random.default_rng([0, 1 << 21])  # its own stream, fixed: not any run's seed
+    chosen = [rng.permutation(np.flatnonzero(labels == k))[:q] for k, q in zip(classes, quota)]
+    return np.sort(np.concatenate(chosen))
+
 
 def _fashion_mnist_dir():
     """Where Debian's dataset-fashion-mnist put its IDX files (asks dpkg, falls back to its usual place)."""

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from beton import (MEAN, STD, center_boxes, dataset_beton, epoch_batches, grid_boxes, image_sizes,
                    load_dataset, random_boxes, read_header, read_regions, region_loader, region_plan,
-                   to_model_input, unpack_regions, whole_image_plan)
+                   subset_images, to_model_input, unpack_regions, whole_image_plan)
 from kernels_triton import ferkd_loss, region_category
 from models import (ARCHS, CHUNK_IMAGES, FERKD_DEFAULTS, PRECISION_NAMES, autocast_dtype, build_model,
                     check_teacher, check_thresholds, checkpoint_eval, checkpoint_res, load_checkpoint,
@@ -95,9 +95,9 @@ class TrainConfig:
     mix_prob: float = 0.0         # probability that a row is mixed
     mix_alpha: float = 1.0        # lambda ~ Beta(alpha, alpha): the share of the row's own region
     mix_source: str = "self"      # self: the other region of the same image (SelfMix) | batch: another image
-    subset: int = 0               # train on N images only (0: all), for quick runs: a class-stratified sample
-                                  # (each class's share kept), a function of --seed alone, so the same images
-                                  # on every rank and on resume (`subset_images`)
+    subset: int = 0               # train on N images only (0: all): a class-stratified sample (each class's
+                                  # share kept), the same N images at every --seed, on every rank and on
+                                  # resume, and those of `labels.py build --subset=N` (beton.subset_images)
     seed: int = 0
     run_dir: str = "runs/default"
     num_workers: int = 2          # FFCV decoding threads per process
@@ -224,22 +224,6 @@ def use_compile(c, device):
 
 # -----------------------------------------------------------------------------
 # Data: which regions each epoch replays, and the targets the loss sees
-
-def subset_images(labels, n, seed):
-    """--subset=N: N image indices (sorted) drawn without replacement, each class keeping its share of the
-    dataset (largest remainders), a function of (labels, n, seed) only: every rank and every resumption
-    draws the same. The first N images of an image folder (sorted by class) were one or two classes."""
-    labels = np.asarray(labels)
-    if n >= len(labels):
-        return np.arange(len(labels))
-    classes, counts = np.unique(labels, return_counts=True)
-    exact = n * counts / len(labels)
-    quota = np.floor(exact).astype(np.int64)
-    quota[np.argsort(-(exact - quota), kind="stable")[:n - quota.sum()]] += 1
-    rng = np.random.default_rng([seed, 1 << 21])  # its own stream: not the region plans' (seed, epoch, ...)
-    chosen = [rng.permutation(np.flatnonzero(labels == k))[:q] for k, q in zip(classes, quota)]
-    return np.sort(np.concatenate(chosen))
-
 
 def region_plans(c, header, table, heights, widths):
     """Returns (plan, fill(epoch) -> choice, kept image indices, region categories (N, R) or None).
@@ -659,6 +643,9 @@ def training_data(c, rank, world, device):
             raise UserError(f"{c.labels} was built for {header['dataset']} ({header['num_classes']} classes, "
                             f"fingerprint {header['fingerprint']}), not --data={c.data} ({len(ds.classes)} "
                             f"classes, {ds.fingerprint()}); {hint}")
+        if header.get("subset") and header["subset"] != c.subset:  # a file of `build --subset=N` holds those
+            raise UserError(f"{c.labels} holds the --subset={header['subset']} images of {c.data} only: "
+                            f"train with --subset={header['subset']}")  # N images only, in index order
         train_path, table = Path(c.labels), read_regions(c.labels, header)
         if c.regions > header["regions"]:
             raise UserError(f"--regions={c.regions}: {c.labels} holds {header['regions']} per image")
@@ -668,8 +655,8 @@ def training_data(c, rank, world, device):
         raise UserError(f"--min_res={c.min_res} is above the training resolution {res} (--res)")
     heights, widths = image_sizes(train_path)
     plan, fill_plan, kept_images, category = region_plans(c, header, table, heights, widths)
-    if c.subset:  # drawn from all images, so every mode trains on the same ones (FerKD still drops some)
-        kept_images = np.intersect1d(kept_images, subset_images(ds.labels, c.subset, c.seed))
+    if c.subset and not (header or {}).get("subset"):  # every mode trains on the same images (FerKD may drop
+        kept_images = np.intersect1d(kept_images, subset_images(ds.labels, c.subset))  # some of them)
     if c.batch_size % world:
         raise UserError(f"--batch_size={c.batch_size} must divide among {world} processes")
     per_rank = c.batch_size // world

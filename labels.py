@@ -78,6 +78,8 @@ class BuildConfig:
     scale_min: float = 0.08      # RandomResizedCrop area range (FKD's)
     batch_size: int = 256        # crops per teacher forward (R regions + the whole image per image)
     chunk: int = 1024            # images per chunk, the unit of resume and sharding (whole batches)
+    subset: int = 0              # label only the N images that `ferkd.py train --subset=N` trains on (the file
+                                 # holds those N images; 0: all): R regions of N images cost R x N forwards
     num_workers: int = 2         # FFCV decoding threads
     device: str = "auto"         # auto | cpu | cuda
     overwrite: bool = False      # replace an existing --out, or discard an unfinished build of another config
@@ -89,6 +91,8 @@ def check_build_config(c):
         raise UserError("--out=FILE.beton is required")
     if not c.teacher:
         raise UserError("--teacher=CKPT or --teacher=torchvision:NAME is required")
+    if c.subset < 0:
+        raise UserError("--subset must be >= 0")
     if c.regions < 1 or c.k < 1 or c.batch_size < 1 or c.chunk < 1 or c.temperature <= 0:
         raise UserError("--regions, --k, --batch_size, --chunk and --temperature must be positive")
     if not 0 < c.scale_min <= 1:
@@ -268,7 +272,9 @@ def build(**flags):
     check_build_config(c)
     rank, world, device = setup_distributed(c.device)
     ds = load_dataset(c.data, "train")
-    c = dataclasses.replace(c, res=c.res or ds.res)
+    fingerprint = ds.fingerprint()  # of all the images: what the trainer checks --data against
+    c = dataclasses.replace(c, res=c.res or ds.res, subset=c.subset if c.subset < len(ds.labels) else 0)
+    ds = ds.subset(c.subset) if c.subset else ds
     C, N, R, k, D = len(ds.classes), len(ds.labels), c.regions, c.k, region_bytes(c.k)
     if k > C or C > 65536:
         raise UserError(f"--k={k} must be at most the class count {C} (<= 65536)")
@@ -278,13 +284,12 @@ def build(**flags):
     per_batch = max(1, c.batch_size // (R + 1))  # images per teacher forward
     chunk = -(-c.chunk // per_batch) * per_batch  # whole batches, so batches never straddle two chunks
     print0(f"build: {json.dumps(dataclasses.asdict(c))}")
-    fingerprint = ds.fingerprint()
     # everything that can change a byte of the output: a partial build is only resumed under the same key
     key = json.loads(json.dumps(dict(
         schema=SCHEMA_VERSION, data=ds.name, fingerprint=fingerprint, teacher=teacher_id, regions=R, k=k,
         temperature=c.temperature, seed=c.seed, res=c.res, scale_min=c.scale_min, batch_images=per_batch,
-        chunk=chunk, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        torch=torch.__version__)))
+        chunk=chunk, subset=c.subset, torch=torch.__version__,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")))
     t0 = time.time()
     result = run_chunks(c, key, ds, R, D, chunk, rank, world, lambda partial, state, todo: label_chunks(
         c, model, teacher_id, device, partial, state, todo, chunk, rank == 0, C))
@@ -295,9 +300,9 @@ def build(**flags):
     # the teacher's accuracies summed over every chunk, whoever computed it
     region_hits, image_hits = sum(d["region_hits"] for d in done), sum(d["image_hits"] for d in done)
     finish(partial, state, out, dict(
-        schema=SCHEMA_VERSION, dataset=ds.name, fingerprint=fingerprint, images=N, classes=ds.classes,
-        num_classes=C, teacher=teacher_id, temperature=c.temperature, k=k, regions=R, seed=c.seed, res=c.res,
-        scale=[c.scale_min, 1.0], ratio=[3 / 4, 4 / 3],
+        schema=SCHEMA_VERSION, dataset=ds.name, fingerprint=fingerprint, images=N, subset=c.subset,
+        classes=ds.classes, num_classes=C, teacher=teacher_id, temperature=c.temperature, k=k, regions=R,
+        seed=c.seed, res=c.res, scale=[c.scale_min, 1.0], ratio=[3 / 4, 4 / 3],
         boxes="torchvision RandomResizedCrop in stored-image pixels, on a 0..255 grid", region_bytes=D,
         quantization=QUANTIZATION, teacher_device=key["device"],
         teacher_batch_images=per_batch, teacher_region_top1=region_hits / (N * R),

@@ -309,17 +309,19 @@ except UserError as e:
     assert "at least 1 x 1 px" in lines[0] and "region box of image 5" in lines[1], lines
 
 
-def test_subset_is_a_seeded_class_stratified_sample():
+def test_subset_is_a_fixed_class_stratified_sample():
     """--subset=N keeps each class's share (an image folder is sorted by class: the first N images were one
-    or two classes), and is a function of (labels, N, seed): the same on every rank and on resume."""
+    or two classes), and is a function of (labels, N) alone: the same on every rank, on resume, at every
+    --seed and in `labels.py build --subset=N`."""
     labels = np.repeat(np.arange(10), [100] * 9 + [50])  # class 9 half as large
-    got = ferkd.subset_images(labels, 95, seed=0)
+    got = beton.subset_images(labels, 95)
     assert len(got) == len(set(got)) == 95 and (np.diff(got) > 0).all()
     assert np.bincount(labels[got], minlength=10).tolist() == [10] * 9 + [5]
-    assert np.array_equal(got, ferkd.subset_images(labels, 95, seed=0))
-    assert not np.array_equal(got, ferkd.subset_images(labels, 95, seed=1))
-    assert np.bincount(labels[ferkd.subset_images(labels, 7, 0)]).max() == 1  # largest remainders: 7 classes
-    assert np.array_equal(ferkd.subset_images(labels, 5000, 0), np.arange(len(labels)))
+    assert np.array_equal(got, beton.subset_images(labels.copy(), 95))
+    assert not np.isin(np.arange(10) * 100, got).all()  # a sample, not each class's first images
+    assert not np.array_equal(got[got < 900] % 100, np.sort(got[got < 900] % 100))
+    assert np.bincount(labels[beton.subset_images(labels, 7)]).max() == 1  # largest remainders: 7 classes
+    assert np.array_equal(beton.subset_images(labels, 5000), np.arange(len(labels)))
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba at loader collection
@@ -328,7 +330,7 @@ def test_training_data_trains_on_the_subset(tmp_path, monkeypatch):
     c = ferkd.TrainConfig(data="digits", subset=300, seed=4, batch_size=64)
     data = ferkd.training_data(c, 0, 1, torch.device("cpu"))
     labels = beton.load_dataset("digits", "train").labels
-    assert np.array_equal(data.kept_images, ferkd.subset_images(labels, 300, 4))
+    assert np.array_equal(data.kept_images, beton.subset_images(labels, 300))
     assert data.steps_per_epoch == 300 // 64
 
 

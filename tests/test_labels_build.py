@@ -132,6 +132,39 @@ def test_temperature_is_stored_and_trained_with(built, reference, tmp_path):
     assert json.loads((tmp_path / "r" / "config.json").read_text())["label_header"]["temperature"] == 2.0
 
 
+def test_subset_build_labels_the_images_train_subset_trains_on(built, reference, tmp_path):
+    """`build --subset=N` holds the N images of `train --subset=N` (the same for every --seed), with their
+    labels and pixels; a student trains on exactly those, and without --subset=N it is refused."""
+    import beton
+    ckpt, _ = built
+    out = tmp_path / "sub.beton"
+    cli(*build_args(ckpt, out, "--subset=300"))
+    header = beton.read_header(out)
+    assert (header["images"], header["subset"]) == (300, 300)
+    ds = beton.load_dataset("digits", "train")
+    assert header["fingerprint"] == ds.fingerprint()  # the trainer checks --data against all the images
+    idx = beton.subset_images(ds.labels, 300)
+    assert np.bincount(ds.labels[idx]).min() >= 28  # class-stratified: 300 of 1437 (133-154 a class)
+
+    def whole_images(path, indices):
+        heights, widths = beton.image_sizes(path)
+        loader = beton.region_loader(path, beton.whole_image_plan(heights, widths), 16, 100, 1,
+                                     indices=indices)
+        got = [(x.clone(), y.clone()) for x, y, _ in beton.epoch_batches(loader, 0)]
+        return len(heights), torch.cat([x for x, _ in got]), torch.cat([y for _, y in got])
+
+    n, images, labels = whole_images(out, np.arange(300))
+    assert n == 300 and np.array_equal(labels.numpy(), ds.labels[idx])
+    _, images_all, _ = whole_images(reference, idx)  # the same images as in a file of all of them
+    assert torch.equal(images, images_all)
+    p = cli("ferkd.py", "train", "--data=digits", f"--labels={out}", "--kd=fkd", "--arch=small16",
+            "--epochs=1", "--batch_size=64", "--subset=300", "--seed=5", f"--run_dir={tmp_path / 'r'}")
+    assert "300 of 300 images keep one" in p.stdout, p.stdout[-2000:]
+    p = cli("ferkd.py", "train", "--data=digits", f"--labels={out}", "--kd=fkd", "--epochs=1",
+            f"--run_dir={tmp_path / 'r2'}", check=False)
+    assert "holds the --subset=300 images of digits only" in one_error_line(p)
+
+
 def test_fidelity_of_the_label_code(built):
     """`labels.py fidelity` re-runs the file's own teacher on its stored regions: the file keeps the teacher
     as well as FKD's float16 top-k does (KL within 1.1x, mean and median), no region's order is inverted,
