@@ -265,6 +265,16 @@ def test_rank_thresholds_split_every_image_alike():
     assert len({tuple(np.bincount(row, minlength=3)) for row in by_value}) > 1
 
 
+def test_rank_scores_are_places_in_the_stable_order():
+    """A region's rank score is its place among its image's regions by p_gt, ties in stored order, as a byte:
+    checked against the inverse of a stable argsort on rows full of ties (R = 300, 20 distinct values)."""
+    rng = np.random.default_rng(5)
+    for R in (2, 7, 300):
+        pgt = rng.integers(100, 120, (50, R)).astype(np.uint8)
+        place = np.argsort(np.argsort(pgt, axis=1, kind="stable"), axis=1)
+        assert np.array_equal(models.rank_scores(pgt), np.floor(255 * place / (R - 1) + 0.5).astype(np.uint8))
+
+
 @pytest.mark.parametrize("res, min_res, start, end, step, want", [
     (24, 16, 0, 2, 32, [16, 24, 24, 24]),          # issue 32: epoch 1 trained at 0 px (16 rounded to 32 = 0)
     (200, 160, 0, 4, 32, [160, 160, 192, 192, 200, 200]),  # it ended at 192, config.json saying 200
