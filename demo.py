@@ -4,10 +4,10 @@ set-up: a teacher trained on all 60,000 training images, then three students of 
 see only 2,000 of them (issue 36).
 
     1. train a teacher without label smoothing     python ferkd.py train --kd=none --arch=small16 --epochs=6
-    2. label the students' images                  python labels.py build --regions=48 --subset=2000
+    2. label the students' images                  python labels.py build --regions=48 --k=10 --subset=2000
     3. train three students on those 2,000 training images (200 per class), 2 crops per image, 24 epochs:
-       cross-entropy (CE), FKD (the teacher's stored soft labels, a stored region for every crop of every
-       epoch, no teacher at train time) and online KD (--kd=kd: the teacher scores every crop of every step,
+       cross-entropy (CE), FKD (the teacher's stored soft labels over all 10 classes, a stored region for
+       every crop of every epoch, no teacher at train time) and online KD (--kd=kd: the teacher scores every crop of every step,
        the method FKD approximates)
     4. print each model's test top-1, each student's gain over CE and its training seconds per epoch.
 
