@@ -359,7 +359,16 @@ def test_triton_kernel_compiles_for_gpu(arch, dtype):
                       ONE_BLOCK=one)
         signature = {name: types.get(name, "constexpr") for name in _ferkd_loss_kernel.arg_names}
         src = ASTSource(fn=_ferkd_loss_kernel, signature=signature, constexprs=consts)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+        # triton parses the kernel's source with ast.parse, which CPython 3.11.7 now and then fails in a
+        # threaded process ("AST constructor recursion depth mismatch", cpython gh-106905 and kin; once in about
+        # four suite runs here): that error alone is retried
+        for attempt in range(3):
+            try:
+                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+                break
+            except SystemError as e:
+                if "AST constructor recursion depth mismatch" not in str(e) or attempt == 2:
+                    raise
         assert compiled.asm["cubin"] and ".entry _ferkd_loss_kernel" in compiled.asm["ptx"]
 
 
