@@ -49,6 +49,7 @@ Every row records the flags, the git revision and the teacher's test top-1. Seed
 orders and SelfMix draws come from hashes of (seed, epoch) and (seed, rank), not seed + epoch.
 """
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -134,10 +135,14 @@ def grid(family):
 
 
 FERKD_ARMS = ["FerKD defaults", "FerKD paper", *grid("FerKD defaults"), *grid("FerKD paper")]
+# Its teacher is kept in results/ (`kept`: 5 MB) so that the study survives the loss of runs/ between sessions;
+# its label files hold the students' 10,000 images only (build --subset: the same records as a file of all
+# 60,000 at those images, a sixth of the teacher forwards), so a session remakes them in minutes
 STUDIES["cluttered"] = dict(
     data="cluttered-fashion-mnist", runs=Path("runs/cluttered"), results=Path("results/cluttered.jsonl"),
-    teacher=STUDIES["regime"]["teacher"], labels=STUDIES["regime"]["labels"],
-    label_variants={"labels_k10": ["--regions=32", "--k=10", "--seed=0"]},  # k = C: nothing truncated
+    kept=Path("results/cluttered_teacher"),
+    teacher=STUDIES["regime"]["teacher"], labels=STUDIES["regime"]["labels"] + ["--subset=10000"],
+    label_variants={"labels_k10": ["--regions=32", "--k=10", "--seed=0", "--subset=10000"]},  # k = C
     student=STUDIES["regime"]["student"], epochs=30, schedules={}, ce="CE ls=0",
     settings={
         "CE ls=0": ["--kd=none", "--label_smoothing=0"],
@@ -178,6 +183,9 @@ STUDIES["demo"] = dict(
     student=["--arch=small16", "--batch_size=128", "--crops=2", "--subset=2000"], epochs=24,
     schedules={},
     settings={"CE": ["--kd=none"], "FKD": ["--kd=fkd"], "online KD": ["--kd=kd", "--teacher={teacher}"]})
+
+
+KEPT_FILES = ("final.pt", "final.json", "config.json", "metrics.jsonl")  # a kept teacher: weights and record
 
 
 def sh(*args):
@@ -302,8 +310,17 @@ def run(study="small", settings=None, seeds=None):
     data = f"--data={s.get('data', 'fashion-mnist')}"
     s["results"].parent.mkdir(exist_ok=True)
     teacher, labels = s["runs"] / "teacher", s["runs"] / "labels.beton"
+    kept = s.get("kept")  # the finished teacher's files, kept in results/ where the study keeps them
+    if kept and (kept / "final.pt").exists() and not (teacher / "final.pt").exists():
+        teacher.mkdir(parents=True, exist_ok=True)
+        for f in KEPT_FILES:
+            shutil.copyfile(kept / f, teacher / f)
     if not (teacher / "final.pt").exists():  # a run stopped part-way resumes from its last checkpoint
         sh("ferkd.py", "train", data, *s["teacher"], f"--run_dir={teacher}")
+    if kept and not (kept / "final.pt").exists():
+        kept.mkdir(parents=True, exist_ok=True)
+        for f in KEPT_FILES:
+            shutil.copyfile(teacher / f, kept / f)
     teacher_top1 = json.loads((teacher / "final.json").read_text())["top1"]
     files = dict(teacher=teacher / "final.pt", labels=labels,
                  **{v: s["runs"] / f"{v.replace('_', '-')}.beton" for v in s.get("label_variants", {})})

@@ -1,6 +1,7 @@
 """The study tables the README quotes are computed from the raw rows: means over seeds and seed-paired
 differences."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -49,11 +50,13 @@ def fake_study(tmp_path, monkeypatch, top1, seconds):
     s = ablation.STUDIES["cluttered"]
     runs, results = tmp_path / "runs", tmp_path / "cluttered.jsonl"
     (runs / "teacher").mkdir(parents=True)
+    for name in ablation.KEPT_FILES:
+        (runs / "teacher" / name).write_text(f"the teacher's {name}")
     (runs / "teacher" / "final.json").write_text('{"top1": 90.0}')
-    (runs / "teacher" / "final.pt").write_bytes(b"")
     (runs / "labels.beton").write_bytes(b"")
     monkeypatch.setitem(s, "runs", runs)
     monkeypatch.setitem(s, "results", results)
+    monkeypatch.setitem(s, "kept", tmp_path / "kept")
     made = []
 
     def one_run(study, name, seed, epochs, flags, decided, files, label_file, teacher_top1):
@@ -90,7 +93,7 @@ def test_cluttered_protocol_runs_each_rule_once_its_rows_exist(tmp_path, monkeyp
     runs_dir = tmp_path / "runs"
     assert [args for args in made if len(args) != 4] == [  # the k=10 labels, built once from the one teacher
         ("labels.py", "build", "--data=cluttered-fashion-mnist", f"--teacher={runs_dir}/teacher/final.pt",
-         f"--out={runs_dir}/labels-k10.beton", "--regions=32", "--k=10", "--seed=0")]
+         f"--out={runs_dir}/labels-k10.beton", "--regions=32", "--k=10", "--seed=0", "--subset=10000")]
     by = {}
     for name, seed, epochs, decided in runs:
         by.setdefault(name, set()).add((seed, epochs))
@@ -107,6 +110,22 @@ def test_cluttered_protocol_runs_each_rule_once_its_rows_exist(tmp_path, monkeyp
     five = {n for n, v in by.items() if len(v) == 5}
     assert five == {"FKD k=10", "FKD"}, five
     assert "FKD equal time" in capsys.readouterr().out  # the table at the end
+
+
+def test_cluttered_teacher_is_kept_and_outlives_runs(tmp_path, monkeypatch):
+    """The study's teacher is copied into results/ once trained, and a session whose runs/ is gone takes it
+    from there instead of training another (its 30 epochs cost 100 min of CPU)."""
+    made = fake_study(tmp_path, monkeypatch, lambda name, seed: 80.0, lambda name: 10.0)
+    teacher, kept = tmp_path / "runs" / "teacher", tmp_path / "kept"
+    ablation.run("cluttered", settings=["CE ls=0"], seeds=[0])
+    assert {f: (kept / f).read_text() for f in ablation.KEPT_FILES} == {
+        f: (teacher / f).read_text() for f in ablation.KEPT_FILES}
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "cluttered.jsonl").unlink()
+    ablation.run("cluttered", settings=["CE ls=0"], seeds=[0])
+    assert not [m for m in made if len(m) != 4]  # no teacher trained (nor labels built)
+    assert (teacher / "config.json").read_text() == "the teacher's config.json"
+    assert [m[:3] for m in made] == [("CE ls=0", 0, 30)] * 2
 
 
 def test_arms_that_read_other_rows_wait_for_them(tmp_path, monkeypatch):
