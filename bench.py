@@ -540,7 +540,8 @@ def scale_train(path, steps=300, batch=256, crops=1, workers=2):
     table = beton.read_regions(path, header)
     heights, widths = beton.image_sizes(path)
     c = ferkd.TrainConfig(kd="ferkd", labels=str(path), crops=crops, batch_size=batch)
-    plan, fill, images, category = ferkd.region_plans(c, header, table, heights, widths)
+    scores = ferkd.threshold_scores(c, header, table)  # as train: once, for the plan and the loss
+    plan, fill, images, category = ferkd.region_plans(c, header, table, heights, widths, scores)
     choice = fill(0)
     loader = beton.region_loader(path, plan, header["res"], batch, workers, order="random",
                                  indices=images[rank::world], drop_last=True)
@@ -549,10 +550,10 @@ def scale_train(path, steps=300, batch=256, crops=1, workers=2):
     t1 = time.time()
     say(f"train start-up{who}: {t1 - t0:.0f} s, {memory()} (records {table.nbytes / 2**20:,.0f} MB)")
     if steps:
-        scale_steps(header, table, c, choice, loader, steps, batch, crops, say, who)
+        scale_steps(header, table, scores, c, choice, loader, steps, batch, crops, say, who)
 
 
-def scale_steps(header, table, c, choice, loader, steps, batch, crops, say, who):
+def scale_steps(header, table, scores, c, choice, loader, steps, batch, crops, say, who):
     """scale_train's FKD steps (the first 20 warm up), then the loader alone."""
     import beton
     import ferkd
@@ -561,7 +562,7 @@ def scale_steps(header, table, c, choice, loader, steps, batch, crops, say, who)
     model = models.build_model("small16", header["num_classes"]).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     step = ferkd.make_train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False),
-                                 ferkd.stored_label_loss(c, table, header), ferkd.mix_batch(c, None),
+                                 ferkd.stored_label_loss(c, table, header, scores), ferkd.mix_batch(c, None),
                                  models.autocast_dtype(device)[0], device, crops)
     n, t2, batches = 0, time.time(), beton.epoch_batches(loader, 0)
     for images_u8, labels, index in batches:

@@ -225,8 +225,16 @@ def use_compile(c, device):
 # -----------------------------------------------------------------------------
 # Data: which regions each epoch replays, and the targets the loss sees
 
-def region_plans(c, header, table, heights, widths):
+def threshold_scores(c, header, table):
+    """What FerKD's thresholds compare for every stored region (models.region_scores): the stored p_gt byte, a
+    view of the table, or with --thresholds=rank its place in the image, which reads the whole table (about 3
+    s at 1.28M x 300): computed once per run, for the plan's categories and the loss alike."""
+    return region_scores(table, header["k"], c.thresholds == "rank")
+
+
+def region_plans(c, header, table, heights, widths, scores=None):
     """Returns (plan, fill(epoch) -> choice, kept image indices, region categories (N, R) or None).
+    `scores`: threshold_scores(c, header, table), if already computed.
     `fill` writes the epoch's pixel boxes into the decoder's plan (N, crops, 5) in place and returns the
     region chosen for each (image, crop), or None. Chosen once per run, so the step never branches on the
     mode. Every per-region array is uint8/int8 (the table, the categories); wider temporaries are per
@@ -244,7 +252,8 @@ def region_plans(c, header, table, heights, widths):
         return plan, fill, np.arange(N), None
 
     R, k = table.shape[1], header["k"]  # R: the regions replayed (--regions may take the first R' only)
-    cat = region_categories(table, k, c.t_low, c.t_mid, c.t_top, by_rank=c.thresholds == "rank")
+    scores = threshold_scores(c, header, table) if scores is None else scores
+    cat = region_categories(scores, c.t_low, c.t_mid, c.t_top)
     count = (cat > 0).sum(1)  # FerKD: dropped regions are never replayed
     kept_images = np.flatnonzero(count > 0)
 
@@ -312,14 +321,17 @@ def region_targets(table, k, index, choice, device, scores=None):
     return ids, probs, (pgt if scores is None else rec[:, -1].float() / 255)
 
 
-def stored_label_loss(c, table, header):
+def stored_label_loss(c, table, header, scores=None):
     """Soft-label loss over stored regions through the fused FerKD loss (FKD: thresholds 0, 0, 1), at the
     temperature T the labels were built with: student logits / T, loss x T^2 (FKD, Hinton et al.).
     `partner`/`share` come from `mix_batch`: row r mixes its own region (weight share) with row
-    partner[r]'s."""
+    partner[r]'s. `scores`: threshold_scores(c, header, table), if already computed."""
     k, temperature = header["k"], float(header["temperature"])
     # with --thresholds=rank the loss compares each region's place in its image where it would compare p_gt
-    scores = torch.from_numpy(region_scores(table, k, True)) if c.thresholds == "rank" else None
+    if c.thresholds == "rank":
+        scores = torch.from_numpy(threshold_scores(c, header, table) if scores is None else scores)
+    else:
+        scores = None  # p_gt: unpacked from each record the loss reads
     with warnings.catch_warnings():  # a read-only memory map (beton.read_regions) that is never written to:
         warnings.simplefilter("ignore", UserWarning)  # torch's warning about writes does not apply
         table = torch.from_numpy(table)
@@ -624,6 +636,7 @@ class TrainData:
     fill_plan: object       # fill_plan(epoch) -> choice (N, crops) int64 tensor, or None with --kd=none
     kept_images: np.ndarray  # indices of the images trained on: one kept region at least, within --subset
     category: np.ndarray    # (N, R) int8 FerKD category of each stored region; None with --kd=none
+    scores: np.ndarray      # (N, R) uint8 what FerKD's thresholds compare (threshold_scores); None likewise
     per_rank_batch: int     # images per step in this process
     steps_per_epoch: int    # this rank's full batches per epoch
     region_shares: list     # dropped, hard, soft fractions of the stored regions; None with --kd=none
@@ -654,7 +667,8 @@ def training_data(c, rank, world, device):
     if c.min_res > res:
         raise UserError(f"--min_res={c.min_res} is above the training resolution {res} (--res)")
     heights, widths = image_sizes(train_path)
-    plan, fill_plan, kept_images, category = region_plans(c, header, table, heights, widths)
+    scores = None if table is None else threshold_scores(c, header, table)  # once: plan and loss read them
+    plan, fill_plan, kept_images, category = region_plans(c, header, table, heights, widths, scores)
     if c.subset and not (header or {}).get("subset"):  # every mode trains on the same images (FerKD may drop
         kept_images = np.intersect1d(kept_images, subset_images(ds.labels, c.subset))  # some of them)
     if c.batch_size % world:
@@ -684,7 +698,7 @@ def training_data(c, rank, world, device):
                    f"{header['pgt_estimated']:.1%} of regions, where the true class is not in the top-k"
                    + ("; --kd=ferkd calibrates by it" if c.kd == "ferkd" else ""))
     return TrainData(header, table, list(ds.classes), res, loader, test_loader, fill_plan, kept_images,
-                     category, per_rank, steps_per_epoch, shares)
+                     category, scores, per_rank, steps_per_epoch, shares)
 
 
 def open_run_dir(c, run_dir, header):
@@ -792,7 +806,7 @@ def choose_loss(c, data, device, compiled, amp_dtype):
     if c.kd == "none":
         return ce_loss(c.label_smoothing), None
     if c.kd in ("fkd", "ferkd"):
-        return stored_label_loss(c, data.table, data.header), None
+        return stored_label_loss(c, data.table, data.header, data.scores), None
     teacher, teacher_id = load_teacher(c.teacher)
     check_teacher(teacher, c.teacher, data.res, len(data.classes))
     teacher.to(device, memory_format=torch.channels_last)

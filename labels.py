@@ -47,7 +47,7 @@ from beton import (MEAN, QUANTIZATION, SCHEMA_VERSION, STD, alloc_table_ptr, att
                    write_beton)
 from kernels_triton import rest_share
 from models import (CHUNK_IMAGES, FERKD_DEFAULTS, autocast_dtype, check_teacher, check_thresholds,
-                    load_teacher, region_categories, threshold_defaults)
+                    load_teacher, region_categories, region_scores, threshold_defaults)
 from runtime import (UserError, atomic_write, barrier, on_all_ranks, on_rank0, parse_config, print0, run_cli,
                      setup_distributed)
 
@@ -748,7 +748,7 @@ def show(path, **flags):
     header = read_header(path)
     table = read_regions(path, header, copy=False)                          # (N, R, D) uint8
     N, R, k, names = len(table), header["regions"], header["k"], header["classes"]
-    cat = region_categories(table, k, **t, by_rank=mode == "rank")         # (N, R) 0 dropped, 1 hard, 2 soft
+    cat = region_categories(region_scores(table, k, mode == "rank"), **t)  # (N, R) 0 dropped, 1 hard, 2 soft
 
     # the chosen images, each beside its regions' labels, two to a row
     pick = np.linspace(0, N - 1, min(c.images, N)).round().astype(np.int64)

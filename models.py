@@ -293,10 +293,13 @@ def rank_scores(pgt):
     image's lowest p_gt and 255 for its highest (ties in stored order). Under --thresholds=rank FerKD's
     thresholds compare this instead of p_gt: the paper's per-image hard-region mining, whose split adapts to
     each image and teacher. pgt (n, R) uint8 stored p_gt bytes -> (n, R) uint8, R >= 2."""
-    R = pgt.shape[1]
-    place = np.empty(pgt.shape, np.int64)  # the inverse of the stable order (a radix sort of bytes): a scatter
-    np.put_along_axis(place, np.argsort(pgt, axis=1, kind="stable"), np.arange(R)[None], axis=1)
-    return ((place * 510 + R - 1) // (2 * (R - 1))).astype(np.uint8)
+    n, R = pgt.shape
+    bits = (R - 1).bit_length()  # sort keys (p_gt, stored place): distinct, so any sort is the stable order
+    key = (pgt.astype(np.uint32 if bits <= 24 else np.uint64) << bits) | np.arange(R, dtype=np.uint32)
+    key.sort(axis=1)  # 32-bit keys sort vectorised: 1.4x faster than a stable argsort of the bytes here
+    out = np.empty((n, R), np.uint8)  # the inverse of the order, a scatter: region key & mask is at `place`
+    out[np.arange(n)[:, None], key & ((1 << bits) - 1)] = (np.arange(R) * 510 + R - 1) // (2 * (R - 1))
+    return out
 
 
 def region_scores(table, k, by_rank):
@@ -311,15 +314,14 @@ def region_scores(table, k, by_rank):
     return np.concatenate([rank_scores(pgt[s:s + CHUNK_IMAGES]) for s in range(0, len(pgt), CHUNK_IMAGES)])
 
 
-def region_categories(table, k, t_low, t_mid, t_top, by_rank=False):
-    """FerKD's category of every stored region, (N, R) int8: 0 dropped, 1 hard, 2 soft (region_category on
-    the stored p_gt byte, or on its place in the image with `by_rank`), a chunk of images at a time. The score
-    is a byte: region_category of its 256 values, as unpacked, is a table to look it up in."""
+def region_categories(score, t_low, t_mid, t_top):
+    """FerKD's category of every stored region, (N, R) int8: 0 dropped, 1 hard, 2 soft, by region_category on
+    its score (`region_scores`: the stored p_gt byte, or its place in the image), a chunk of images at a time.
+    The score is a byte: region_category of its 256 values, as unpacked, is a table to look it up in."""
     lut = region_category(torch.arange(256, dtype=torch.uint8).float() / 255, t_low, t_mid, t_top).numpy()
-    if (lut == lut[0]).all() and not by_rank:  # FKD (0, 0, 1): one category, the table need not be read
-        return np.full(table.shape[:2], lut[0])
-    score = region_scores(table, k, by_rank)
-    cat = np.empty(table.shape[:2], np.int8)
-    for s in range(0, len(table), CHUNK_IMAGES):
+    if (lut == lut[0]).all():  # FKD (0, 0, 1): one category, the scores (a view of the table) need not be read
+        return np.full(score.shape, lut[0])
+    cat = np.empty(score.shape, np.int8)
+    for s in range(0, len(score), CHUNK_IMAGES):
         cat[s:s + CHUNK_IMAGES] = lut[score[s:s + CHUNK_IMAGES]]
     return cat

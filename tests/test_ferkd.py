@@ -258,10 +258,10 @@ def test_rank_thresholds_split_every_image_alike():
     table = fake_table(N=N, R=R)
     top = rng.integers(R, 256, N)  # images from unsure (p_gt all below 11/255) to sure: distinct p_gt each
     table[..., 4 + 3 * k] = np.stack([rng.choice(t, R, replace=False) for t in top]).astype(np.uint8)
-    cat = models.region_categories(table, k, 0.05, 0.45, 0.95, by_rank=True)
+    cat = models.region_categories(models.region_scores(table, k, True), 0.05, 0.45, 0.95)
     ascending = np.take_along_axis(cat, np.argsort(table[..., 4 + 3 * k], axis=1, kind="stable"), axis=1)
     assert (ascending == [0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 0]).all()
-    by_value = models.region_categories(table, k, 0.05, 0.45, 0.95)  # absolute thresholds differ per image
+    by_value = models.region_categories(models.region_scores(table, k, False), 0.05, 0.45, 0.95)  # per image
     assert len({tuple(np.bincount(row, minlength=3)) for row in by_value}) > 1
 
 
@@ -273,6 +273,21 @@ def test_rank_scores_are_places_in_the_stable_order():
         pgt = rng.integers(100, 120, (50, R)).astype(np.uint8)
         place = np.argsort(np.argsort(pgt, axis=1, kind="stable"), axis=1)
         assert np.array_equal(models.rank_scores(pgt), np.floor(255 * place / (R - 1) + 0.5).astype(np.uint8))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba at loader collection
+def test_rank_scores_are_computed_once_per_run(built, monkeypatch):
+    """--thresholds=rank reads the whole table to rank each image's regions (seconds at ImageNet size, issue
+    32): the trainer's start-up ranks it once, for the plan's categories and the loss alike."""
+    _, path = built
+    calls = []
+    rank_scores = models.rank_scores
+    monkeypatch.setattr(models, "rank_scores", lambda pgt: calls.append(len(pgt)) or rank_scores(pgt))
+    c = ferkd.TrainConfig(data="digits", labels=str(path), kd="ferkd", crops=1, batch_size=64)
+    assert c.thresholds == "rank"
+    data = ferkd.training_data(c, 0, 1, torch.device("cpu"))
+    ferkd.choose_loss(c, data, torch.device("cpu"), False, None)
+    assert sum(calls) == len(data.table)  # every image's regions ranked, once
 
 
 @pytest.mark.parametrize("res, min_res, start, end, step, want", [
