@@ -135,7 +135,8 @@ def grid(family):
 
 
 FERKD_ARMS = ["FerKD defaults", "FerKD paper", *grid("FerKD defaults"), *grid("FerKD paper")]
-# Its teacher is kept in results/ (`kept`: 10 MB, weights with their optimizer state) so that the study survives the loss of runs/ between sessions;
+# Its teacher is kept in results/ (`kept`: 10 MB, weights with their optimizer state) so that the study
+# survives the loss of runs/ between sessions;
 # its label files hold the students' 10,000 images only (build --subset: the same records as a file of all
 # 60,000 at those images, a sixth of the teacher forwards), so a session remakes them in minutes
 STUDIES["cluttered"] = dict(
