@@ -189,6 +189,13 @@ STUDIES["demo"] = dict(
 KEPT_FILES = ("final.pt", "final.json", "config.json", "metrics.jsonl")  # a kept teacher: weights and record
 
 
+def copy_kept(src, dst):
+    """Copy a finished teacher's KEPT_FILES from run directory `src` to `dst`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in KEPT_FILES:
+        shutil.copyfile(src / f, dst / f)
+
+
 def sh(*args):
     print("$ python " + " ".join(args), flush=True)
     p = subprocess.run([sys.executable, *args], capture_output=True, text=True)
@@ -313,15 +320,11 @@ def run(study="small", settings=None, seeds=None):
     teacher, labels = s["runs"] / "teacher", s["runs"] / "labels.beton"
     kept = s.get("kept")  # the finished teacher's files, kept in results/ where the study keeps them
     if kept and (kept / "final.pt").exists() and not (teacher / "final.pt").exists():
-        teacher.mkdir(parents=True, exist_ok=True)
-        for f in KEPT_FILES:
-            shutil.copyfile(kept / f, teacher / f)
+        copy_kept(kept, teacher)
     if not (teacher / "final.pt").exists():  # a run stopped part-way resumes from its last checkpoint
         sh("ferkd.py", "train", data, *s["teacher"], f"--run_dir={teacher}")
     if kept and not (kept / "final.pt").exists():
-        kept.mkdir(parents=True, exist_ok=True)
-        for f in KEPT_FILES:
-            shutil.copyfile(teacher / f, kept / f)
+        copy_kept(teacher, kept)
     teacher_top1 = json.loads((teacher / "final.json").read_text())["top1"]
     files = dict(teacher=teacher / "final.pt", labels=labels,
                  **{v: s["runs"] / f"{v.replace('_', '-')}.beton" for v in s.get("label_variants", {})})
