@@ -141,7 +141,9 @@ def pack_regions(qbox, flip, ids, probs, pgt, num_classes):
         *ids.shape[:-1], 2 * k), codes, pgt, flags], axis=-1)
     slack = 2.0 ** -21 / max(num_classes - k, 1)  # 2 fp32 ulps of 1 - sum P: above it in any summation order
     ordered = p >= rest_share(p, num_classes) - slack  # in `probs` (an FKD file may not be)
-    for _ in range(4):  # near ties only
+    for _ in range(32):  # near ties only. Each pass raises every low code a step (6%) at least, and the
+        # share, recovered in fp32 as 1 - sum P, may move up an ulp with them: at C = 10 a teacher's region
+        # of 2e-7s (its rest 8e-7) needed 5 passes
         got = unpack_regions(torch.from_numpy(rec), k)[1]          # (..., k) as the trainer recovers it
         share = rest_share(got, num_classes).numpy() + slack
         got = got.numpy()
