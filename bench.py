@@ -553,6 +553,36 @@ def scale_train(path, steps=300, batch=256, crops=1, workers=2):
         scale_steps(header, table, scores, c, choice, loader, steps, batch, crops, say, who)
 
 
+def bench_plan(images=1_281_167, regions=300, k=5, crops=1, side=500):
+    """The part of `ferkd.py train`'s start-up that grows with images x regions, at ImageNet's size without its
+    label file: the thresholds' scores, the categories and first epoch's plan (ferkd.region_plans), and a
+    later epoch's plan, on an in-memory region table (its p_gt bytes random, the rest zero; 8 GiB at 1.28M x
+    300) for FKD and FerKD by p_gt and by rank. The loader and the table's mapping are not in it
+    (`scale_train` times them on a real file)."""
+    import beton
+    import ferkd
+    N, R = images, regions
+    table = np.zeros((N, R, beton.region_bytes(k)), np.uint8)
+    table[..., 4 + 3 * k] = np.random.default_rng(0).integers(0, 256, (N, R), np.uint8)  # the stored p_gt
+    header, sizes = dict(k=k, regions=R), np.full(N, side, np.int64)
+    print(f"table {table.nbytes / 2**30:.1f} GiB ({N:,} x {R} x {table.shape[2]} B), {memory()}", flush=True)
+    for name, flags in [("FKD", dict(kd="fkd")), ("FerKD p_gt", dict(kd="ferkd", thresholds="p_gt")),
+                        ("FerKD rank", dict(kd="ferkd", thresholds="rank"))]:
+        c = ferkd.TrainConfig(**flags, crops=crops)
+        t0 = time.time()
+        scores = ferkd.threshold_scores(c, header, table)
+        t1 = time.time()
+        plan, fill, kept, category = ferkd.region_plans(c, header, table, sizes, sizes, scores)
+        t2 = time.time()
+        fill(0)
+        t3 = time.time()
+        fill(1)
+        t4 = time.time()
+        print(f"{name}: scores {t1 - t0:.2f} s, categories {t2 - t1:.2f} s, first plan {t3 - t2:.2f} s: "
+              f"{t3 - t0:.2f} s of start-up; a later epoch's plan {t4 - t3:.2f} s; {memory()}", flush=True)
+        del scores, plan, fill, kept, category
+
+
 def scale_steps(header, table, scores, c, choice, loader, steps, batch, crops, say, who):
     """scale_train's FKD steps (the first 20 warm up), then the loader alone."""
     import beton
@@ -743,4 +773,5 @@ if __name__ == "__main__":
     from runtime import run_cli  # leaves scale_train's torchrun group on exit, as every command does
     run_cli({"all": all, "labels": bench_labels, "loader": bench_loader, "step": bench_step,
                "loss": bench_loss, "loss_step": bench_loss_step, "kd_step": bench_kd_step, "scale": scale,
-               "scale_train": scale_train, "build": bench_build, "loader_imagenet": bench_loader_imagenet})
+               "scale_train": scale_train, "build": bench_build, "plan": bench_plan,
+               "loader_imagenet": bench_loader_imagenet})
