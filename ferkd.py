@@ -254,7 +254,8 @@ def region_plans(c, header, table, heights, widths, scores=None):
     R, k = table.shape[1], header["k"]  # R: the regions replayed (--regions may take the first R' only)
     scores = threshold_scores(c, header, table) if scores is None else scores
     cat = region_categories(scores, c.t_low, c.t_mid, c.t_top)
-    count = (cat > 0).sum(1)  # FerKD: dropped regions are never replayed
+    count = np.concatenate([(cat[s:s + CHUNK_IMAGES] > 0).sum(1) for s in range(0, N, CHUNK_IMAGES)])  # kept
+    # regions per image, a chunk at a time (no N x R temporary): FerKD's dropped regions are never replayed
     kept_images = np.flatnonzero(count > 0)
 
     def fill(epoch):  # per image, `crops` distinct kept regions (while crops <= count), uniformly

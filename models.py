@@ -319,8 +319,8 @@ def region_categories(score, t_low, t_mid, t_top):
     its score (`region_scores`: the stored p_gt byte, or its place in the image), a chunk of images at a time.
     The score is a byte: region_category of its 256 values, as unpacked, is a table to look it up in."""
     lut = region_category(torch.arange(256, dtype=torch.uint8).float() / 255, t_low, t_mid, t_top).numpy()
-    if (lut == lut[0]).all():  # FKD (0, 0, 1): one category, the scores (a view of the table) need not be read
-        return np.full(score.shape, lut[0])
+    if (lut == lut[0]).all():  # FKD (0, 0, 1): one category, the scores (a view of the table) need not be read,
+        return np.broadcast_to(lut[:1], score.shape)  # and a read-only view holds none of its N x R bytes
     cat = np.empty(score.shape, np.int8)
     for s in range(0, len(score), CHUNK_IMAGES):
         cat[s:s + CHUNK_IMAGES] = lut[score[s:s + CHUNK_IMAGES]]

@@ -33,8 +33,11 @@ def test_region_selection_respects_thresholds(t_low, t_mid, t_top):
     c = ferkd.TrainConfig(kd="ferkd", labels="x", crops=2, thresholds="p_gt", t_low=t_low, t_mid=t_mid,
                           t_top=t_top)
     h = w = np.full(N, 32)
-    plan, fill, images, _ = ferkd.region_plans(c, dict(regions=R, k=5), table, h, w)
+    plan, fill, images, cat = ferkd.region_plans(c, dict(regions=R, k=5), table, h, w)
     pgt = beton.unpack_regions(torch.from_numpy(table), 5)[2]
+    assert np.array_equal(cat, region_category(pgt, t_low, t_mid, t_top).numpy())
+    if (t_low, t_mid, t_top) == (0.0, 0.0, 1.0):  # FKD: one category, a view that holds none of N x R bytes
+        assert cat.strides == (0, 0)             # (384 MB per process at 1.28M x 300)
     kept = (region_category(pgt, t_low, t_mid, t_top) > 0).numpy()
     assert np.array_equal(images, np.flatnonzero(kept.any(1)))  # images with no kept region are never loaded
     seen = np.zeros_like(kept)
