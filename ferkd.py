@@ -227,8 +227,9 @@ def use_compile(c, device):
 
 def threshold_scores(c, header, table):
     """What FerKD's thresholds compare for every stored region (models.region_scores): the stored p_gt byte, a
-    view of the table, or with --thresholds=rank its place in the image, which reads the whole table (about 3
-    s at 1.28M x 300): computed once per run, for the plan's categories and the loss alike."""
+    view of the table, or with --thresholds=rank its place in the image, which reads the whole table (4.1-4.7
+    s at 1.28M x 300 on 2 cores, `bench.py plan`): computed once per run, for the plan's categories and the
+    loss alike."""
     return region_scores(table, header["k"], c.thresholds == "rank")
 
 
@@ -254,8 +255,8 @@ def region_plans(c, header, table, heights, widths, scores=None):
     R, k = table.shape[1], header["k"]  # R: the regions replayed (--regions may take the first R' only)
     scores = threshold_scores(c, header, table) if scores is None else scores
     cat = region_categories(scores, c.t_low, c.t_mid, c.t_top)
-    count = np.concatenate([(cat[s:s + CHUNK_IMAGES] > 0).sum(1) for s in range(0, N, CHUNK_IMAGES)])  # kept
-    # regions per image, a chunk at a time (no N x R temporary): FerKD's dropped regions are never replayed
+    # kept regions per image, a chunk at a time (no N x R temporary): FerKD's dropped regions are never replayed
+    count = np.concatenate([(cat[s:s + CHUNK_IMAGES] > 0).sum(1) for s in range(0, N, CHUNK_IMAGES)])
     kept_images = np.flatnonzero(count > 0)
 
     def fill(epoch):  # per image, `crops` distinct kept regions (while crops <= count), uniformly
