@@ -541,7 +541,7 @@ def scale_train(path, steps=300, batch=256, crops=1, workers=2):
     heights, widths = beton.image_sizes(path)
     c = ferkd.TrainConfig(kd="ferkd", labels=str(path), crops=crops, batch_size=batch)
     scores = ferkd.threshold_scores(c, header, table)  # as train: once, for the plan and the loss
-    plan, fill, images, category = ferkd.region_plans(c, header, table, heights, widths, scores)
+    plan, fill, images, _ = ferkd.region_plans(c, header, table, heights, widths, scores)
     choice = fill(0)
     loader = beton.region_loader(path, plan, header["res"], batch, workers, order="random",
                                  indices=images[rank::world], drop_last=True)
@@ -555,7 +555,7 @@ def scale_train(path, steps=300, batch=256, crops=1, workers=2):
 
 def bench_plan(images=1_281_167, regions=300, k=5, crops=1, side=500):
     """The part of `ferkd.py train`'s start-up that grows with images x regions, at ImageNet's size without its
-    label file: the thresholds' scores, the categories and first epoch's plan (ferkd.region_plans), and a
+    label file: the thresholds' scores, the kept regions per image and first epoch's plan (ferkd.region_plans), and a
     later epoch's plan, on an in-memory region table (its p_gt bytes random, the rest zero; 8 GiB at 1.28M x
     300) for FKD and FerKD by p_gt and by rank. The loader and the table's mapping are not in it
     (`scale_train` times them on a real file)."""
@@ -572,15 +572,15 @@ def bench_plan(images=1_281_167, regions=300, k=5, crops=1, side=500):
         t0 = time.time()
         scores = ferkd.threshold_scores(c, header, table)
         t1 = time.time()
-        plan, fill, kept, category = ferkd.region_plans(c, header, table, sizes, sizes, scores)
+        plan, fill, kept, _ = ferkd.region_plans(c, header, table, sizes, sizes, scores)
         t2 = time.time()
         fill(0)
         t3 = time.time()
         fill(1)
         t4 = time.time()
-        print(f"{name}: scores {t1 - t0:.2f} s, categories {t2 - t1:.2f} s, first plan {t3 - t2:.2f} s: "
+        print(f"{name}: scores {t1 - t0:.2f} s, kept counts {t2 - t1:.2f} s, first plan {t3 - t2:.2f} s: "
               f"{t3 - t0:.2f} s of start-up; a later epoch's plan {t4 - t3:.2f} s; {memory()}", flush=True)
-        del scores, plan, fill, kept, category
+        del scores, plan, fill, kept
 
 
 def scale_steps(header, table, scores, c, choice, loader, steps, batch, crops, say, who):

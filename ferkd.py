@@ -49,7 +49,8 @@ from beton import (MEAN, STD, center_boxes, dataset_beton, epoch_batches, grid_b
 from kernels_triton import ferkd_loss, region_category
 from models import (ARCHS, CHUNK_IMAGES, FERKD_DEFAULTS, PRECISION_NAMES, autocast_dtype, build_model,
                     check_teacher, check_thresholds, checkpoint_eval, checkpoint_res, load_checkpoint,
-                    load_teacher, region_categories, region_scores, save_checkpoint, threshold_defaults)
+                    load_teacher, category_lut, category_shares, region_scores, save_checkpoint,
+                    threshold_defaults)
 from runtime import BOOL_WORDS, UserError, atomic_write, parse_config, print0, run_cli, setup_distributed
 
 # -----------------------------------------------------------------------------
@@ -234,12 +235,13 @@ def threshold_scores(c, header, table):
 
 
 def region_plans(c, header, table, heights, widths, scores=None):
-    """Returns (plan, fill(epoch) -> choice, kept image indices, region categories (N, R) or None).
+    """Returns (plan, fill(epoch) -> choice, kept image indices, category_lut or None: a region's category is
+    lut[its score]).
     `scores`: threshold_scores(c, header, table), if already computed.
     `fill` writes the epoch's pixel boxes into the decoder's plan (N, crops, 5) in place and returns the
     region chosen for each (image, crop), or None. Chosen once per run, so the step never branches on the
-    mode. Every per-region array is uint8/int8 (the table, the categories); wider temporaries are per
-    chunk."""
+    mode. Per region it holds a bit (kept or dropped); the table is mapped and the rank scores are a byte; wider
+    temporaries are per chunk."""
     N = len(heights)
     plan = np.zeros((N, c.crops, 5), np.int32)
     if table is None:  # CE and online KD: fresh RandomResizedCrop boxes every epoch, by the builder's rule
@@ -254,9 +256,14 @@ def region_plans(c, header, table, heights, widths, scores=None):
 
     R, k = table.shape[1], header["k"]  # R: the regions replayed (--regions may take the first R' only)
     scores = threshold_scores(c, header, table) if scores is None else scores
-    cat = region_categories(scores, c.t_low, c.t_mid, c.t_top)
-    # kept regions per image, a chunk at a time (no N x R temporary): FerKD's dropped regions are never replayed
-    count = np.concatenate([(cat[s:s + CHUNK_IMAGES] > 0).sum(1) for s in range(0, N, CHUNK_IMAGES)])
+    lut = category_lut(c.t_low, c.t_mid, c.t_top)
+    if (lut > 0).all():  # FKD (0, 0, 1): every region kept, and the scores (a view of the table) are never read
+        kept, count = None, np.full(N, R)
+    else:  # FerKD's dropped regions are never replayed: which are kept, a bit per region (48 MB at 1.28M x 300)
+        kept, count = np.empty((N, -(-R // 8)), np.uint8), np.empty(N, np.int64)
+        for s in range(0, N, CHUNK_IMAGES):
+            is_kept = np.take(lut > 0, scores[s:s + CHUNK_IMAGES])  # (n, R) bool; np.take: 2x lut[...] here
+            kept[s:s + CHUNK_IMAGES], count[s:s + CHUNK_IMAGES] = np.packbits(is_kept, axis=1), is_kept.sum(1)
     kept_images = np.flatnonzero(count > 0)
 
     def fill(epoch):  # per image, `crops` distinct kept regions (while crops <= count), uniformly
@@ -264,12 +271,12 @@ def region_plans(c, header, table, heights, widths, scores=None):
         for s in range(0, N, CHUNK_IMAGES):
             e = min(N, s + CHUNK_IMAGES)
             pos = distinct_positions(np.random.default_rng([c.seed, epoch, s]), count[s:e], c.crops)
-            choice[s:e] = kept_regions(cat[s:e], count[s:e], pos)            # (n, crops)
+            choice[s:e] = kept_regions(kept if kept is None else kept[s:e], R, count[s:e], pos)
             rec = table[np.arange(s, e)[:, None], choice[s:e]]                # (n, crops, D)
             flip = unpack_regions(torch.from_numpy(rec), k)[3].numpy()
             plan[s:e] = region_plan(rec[..., :4], flip, heights[s:e, None], widths[s:e, None])
         return torch.from_numpy(choice)
-    return plan, fill, kept_images, cat
+    return plan, fill, kept_images, lut
 
 
 def distinct_positions(rng, count, n):
@@ -287,13 +294,14 @@ def distinct_positions(rng, count, n):
     return pos
 
 
-def kept_regions(cat, count, pos):
-    """The region index of each place: the pos-th region with category > 0 in its row of `cat` (n, R)."""
-    R = cat.shape[1]
+def kept_regions(kept, R, count, pos):
+    """The region index of each place: the pos-th kept region of its row; `kept`: (n, ceil(R / 8)) bits, a
+    row's R regions packed (np.packbits), or None where every region is kept; `count`: the kept per row."""
     choice = pos.copy()
     rows = np.flatnonzero(count < R)  # rows where FerKD dropped regions (none with FKD)
     if len(rows):
-        kept_so_far = np.cumsum(cat[rows] > 0, axis=1, dtype=np.int32)   # (m, R)
+        bits = np.unpackbits(kept[rows], axis=1, count=R)
+        kept_so_far = np.cumsum(bits, axis=1, dtype=np.int32)   # (m, R)
         choice[rows] = (kept_so_far[:, None, :] <= pos[rows][..., None]).sum(2)
     return np.minimum(choice, R - 1)  # an image with no kept region (never loaded) gets a valid index
 
@@ -637,7 +645,7 @@ class TrainData:
     test_loader: object     # this rank's disjoint shard of the test split
     fill_plan: object       # fill_plan(epoch) -> choice (N, crops) int64 tensor, or None with --kd=none
     kept_images: np.ndarray  # indices of the images trained on: one kept region at least, within --subset
-    category: np.ndarray    # (N, R) int8 FerKD category of each stored region; None with --kd=none
+    category_lut: np.ndarray  # (256,) int8 FerKD category of each score byte; None with --kd=none
     scores: np.ndarray      # (N, R) uint8 what FerKD's thresholds compare (threshold_scores); None likewise
     per_rank_batch: int     # images per step in this process
     steps_per_epoch: int    # this rank's full batches per epoch
@@ -670,7 +678,7 @@ def training_data(c, rank, world, device):
         raise UserError(f"--min_res={c.min_res} is above the training resolution {res} (--res)")
     heights, widths = image_sizes(train_path)
     scores = None if table is None else threshold_scores(c, header, table)  # once: plan and loss read them
-    plan, fill_plan, kept_images, category = region_plans(c, header, table, heights, widths, scores)
+    plan, fill_plan, kept_images, lut = region_plans(c, header, table, heights, widths, scores)
     if c.subset and not (header or {}).get("subset"):  # every mode trains on the same images (FerKD may drop
         kept_images = np.intersect1d(kept_images, subset_images(ds.labels, c.subset))  # some of them)
     if c.batch_size % world:
@@ -690,7 +698,7 @@ def training_data(c, rank, world, device):
                         f"--batch_size={c.batch_size}")
     shares = None
     if table is not None:
-        shares = [np.count_nonzero(category == i) / category.size for i in range(3)]
+        shares = category_shares(scores, lut).tolist()
         by = " by their place in the image" if c.thresholds == "rank" else ""
         print0(f"regions{by} at t_low={c.t_low} t_mid={c.t_mid} t_top={c.t_top}: dropped {shares[0]:.1%}, "
                f"hard {shares[1]:.1%}, soft {shares[2]:.1%}; {len(kept_images)} of {len(heights)} images "
@@ -700,7 +708,7 @@ def training_data(c, rank, world, device):
                    f"{header['pgt_estimated']:.1%} of regions, where the true class is not in the top-k"
                    + ("; --kd=ferkd calibrates by it" if c.kd == "ferkd" else ""))
     return TrainData(header, table, list(ds.classes), res, loader, test_loader, fill_plan, kept_images,
-                     category, scores, per_rank, steps_per_epoch, shares)
+                     lut, scores, per_rank, steps_per_epoch, shares)
 
 
 def open_run_dir(c, run_dir, header):
@@ -893,7 +901,7 @@ def epoch_metrics(data, epoch, progress, test, lr, steps, seconds, first_step_se
                    first_step_s=round(first_step_seconds, 2))
     if choice is not None:
         kept = data.kept_images
-        replayed = data.category[kept[:, None], choice[kept]]
+        replayed = data.category_lut[data.scores[kept[:, None], choice[kept]]]
         metrics.update(hard_regions=int((replayed == 1).sum()), soft_regions=int((replayed == 2).sum()))
     return metrics
 

@@ -47,7 +47,7 @@ from beton import (MEAN, QUANTIZATION, SCHEMA_VERSION, STD, alloc_table_ptr, att
                    write_beton)
 from kernels_triton import rest_share
 from models import (CHUNK_IMAGES, FERKD_DEFAULTS, autocast_dtype, check_teacher, check_thresholds,
-                    load_teacher, region_categories, region_scores, threshold_defaults)
+                    load_teacher, category_lut, region_scores, threshold_defaults)
 from runtime import (UserError, atomic_write, barrier, on_all_ranks, on_rank0, parse_config, print0, run_cli,
                      setup_distributed)
 
@@ -345,7 +345,7 @@ def inspect(path, **flags):
     header = read_header(path)
     print(json.dumps({k: v for k, v in header.items() if k != "classes"}, indent=1))
     table = read_regions(path, header, copy=False)
-    counts = pgt_histogram(table, None, header["k"])[0]
+    counts = pgt_histogram(table, header["k"])[0]
     print(f"{len(table)} images x {header['regions']} regions: {spread_text(counts)}"
           + (" (p_gt estimated on some: see pgt_estimated)" if header.get("pgt_estimated") else ""))
     ids, probs, pgt, flip = unpack_regions(torch.from_numpy(np.array(table[:rows])), header["k"])
@@ -720,14 +720,14 @@ def decode_whole(path, pick, heights, widths):
     return decoded
 
 
-def pgt_histogram(table, cat, k):
-    """(3, 256) counts of the stored p_gt byte per category (None: all in row 0) over the whole file, a chunk
-    of images at a time."""
+def pgt_histogram(table, k, score=None, lut=None):
+    """(3, 256) counts of the stored p_gt byte per category over the whole file, a chunk of images at a time:
+    a region's category is lut[its score] (models.category_lut; without them, all in row 0)."""
     hist = np.zeros(3 * 256, np.int64)
     for s in range(0, len(table), CHUNK_IMAGES):
         key = table[s:s + CHUNK_IMAGES, :, 4 + 3 * k].astype(np.int64)
-        if cat is not None:
-            key += cat[s:s + CHUNK_IMAGES].astype(np.int64) * 256
+        if lut is not None:
+            key += lut[score[s:s + CHUNK_IMAGES]].astype(np.int64) * 256
         hist += np.bincount(key.ravel(), minlength=3 * 256)
     return hist.reshape(3, 256)
 
@@ -748,10 +748,11 @@ def show(path, **flags):
     header = read_header(path)
     table = read_regions(path, header, copy=False)                          # (N, R, D) uint8
     N, R, k, names = len(table), header["regions"], header["k"], header["classes"]
-    cat = region_categories(region_scores(table, k, mode == "rank"), **t)  # (N, R) 0 dropped, 1 hard, 2 soft
+    score, lut = region_scores(table, k, mode == "rank"), category_lut(**t)  # a region's category: lut[score]
 
     # the chosen images, each beside its regions' labels, two to a row
     pick = np.linspace(0, N - 1, min(c.images, N)).round().astype(np.int64)
+    cat = lut[score[pick]]  # (n, R) 0 dropped, 1 hard, 2 soft
     ids, probs, pgt, flip = unpack_regions(torch.from_numpy(table[pick]), k)  # (n, R, k) x 2, (n, R) x 2
     heights, widths = image_sizes(path)
     decoded = decode_whole(path, pick, heights, widths)
@@ -773,14 +774,14 @@ def show(path, **flags):
         lines = []
         for r in range(n_show):
             top, left, bottom, right = box_pixels(table[i, r, :4], H, W)
-            colour = CATEGORY[cat[i, r]][1]
+            colour = CATEGORY[cat[n, r]][1]
             ax.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, lw=2, ec=colour))
             ax.text(left + 0.02 * W, top + 0.02 * H, str(r), color="white", fontsize=9, va="top",
                     bbox=dict(fc=colour, ec="none", pad=1))
             topk = ", ".join(f"{short(cls)} {p:.2f}" for cls, p in zip(ids[n, r].tolist()[:3],
                                                                         probs[n, r].tolist()))
             lines.append((f"{r}{' (flip)' if flip[n, r] else ''}: {topk}\n"
-                          f"   p_gt {pgt[n, r]:.2f} → {CATEGORY[cat[i, r]][0]}", colour))
+                          f"   p_gt {pgt[n, r]:.2f} → {CATEGORY[cat[n, r]][0]}", colour))
         tx = fig.add_subplot(grid[n // cols, 2 * (n % cols) + 1])
         tx.axis("off")
         tx.text(0, 1, f"region: teacher top-{min(3, k)}", fontsize=9, va="top", weight="bold")
@@ -790,7 +791,7 @@ def show(path, **flags):
 
     # p_gt over the whole file, stacked by category (a bin that a threshold cuts shows both parts)
     ax = fig.add_subplot(grid[rows, :])
-    hist = pgt_histogram(table, cat, k)
+    hist = pgt_histogram(table, k, score, lut)
     edges, bottom = np.linspace(0, 1, 52), 0  # 51 bins: byte v = round(255 p) falls in bin min(v // 5, 50)
     for category, (name, colour) in enumerate(CATEGORY):
         counts = np.bincount(np.minimum(np.arange(256) // 5, 50), weights=hist[category], minlength=51)

@@ -314,14 +314,20 @@ def region_scores(table, k, by_rank):
     return np.concatenate([rank_scores(pgt[s:s + CHUNK_IMAGES]) for s in range(0, len(pgt), CHUNK_IMAGES)])
 
 
-def region_categories(score, t_low, t_mid, t_top):
-    """FerKD's category of every stored region, (N, R) int8: 0 dropped, 1 hard, 2 soft, by region_category on
-    its score (`region_scores`: the stored p_gt byte, or its place in the image), a chunk of images at a time.
-    The score is a byte: region_category of its 256 values, as unpacked, is a table to look it up in."""
-    lut = region_category(torch.arange(256, dtype=torch.uint8).float() / 255, t_low, t_mid, t_top).numpy()
-    if (lut == lut[0]).all():  # FKD (0, 0, 1): one category, the scores (a view of the table) need not be read,
-        return np.broadcast_to(lut[:1], score.shape)  # and a read-only view holds none of its N x R bytes
-    cat = np.empty(score.shape, np.int8)
+def category_lut(t_low, t_mid, t_top):
+    """FerKD's category (0 dropped, 1 hard, 2 soft) of each of the 256 score bytes, (256,) int8: region_category
+    on the byte as unpacked. A region's category is `lut[its score]` (`region_scores`: the stored p_gt byte, or
+    its place in the image), looked up where it is read, so no N x R array of categories is held (384 MB per
+    process at 1.28M x 300)."""
+    return region_category(torch.arange(256, dtype=torch.uint8).float() / 255, t_low, t_mid, t_top).numpy()
+
+
+def category_shares(score, lut):
+    """The share of the stored regions in each category, (3,), from a histogram of their score bytes, a chunk
+    of images at a time; with one category (FKD) the scores, a view of the table, are not read."""
+    if (lut == lut[0]).all():
+        return np.bincount(lut[:1], minlength=3).astype(float)
+    hist = np.zeros(256, np.int64)
     for s in range(0, len(score), CHUNK_IMAGES):
-        cat[s:s + CHUNK_IMAGES] = lut[score[s:s + CHUNK_IMAGES]]
-    return cat
+        hist += np.bincount(score[s:s + CHUNK_IMAGES].ravel(), minlength=256)
+    return np.bincount(lut, weights=hist, minlength=3) / hist.sum()

@@ -33,11 +33,12 @@ def test_region_selection_respects_thresholds(t_low, t_mid, t_top):
     c = ferkd.TrainConfig(kd="ferkd", labels="x", crops=2, thresholds="p_gt", t_low=t_low, t_mid=t_mid,
                           t_top=t_top)
     h = w = np.full(N, 32)
-    plan, fill, images, cat = ferkd.region_plans(c, dict(regions=R, k=5), table, h, w)
+    plan, fill, images, lut = ferkd.region_plans(c, dict(regions=R, k=5), table, h, w)
     pgt = beton.unpack_regions(torch.from_numpy(table), 5)[2]
+    cat = lut[models.region_scores(table, 5, False)]  # a region's category: the lookup of its score byte
     assert np.array_equal(cat, region_category(pgt, t_low, t_mid, t_top).numpy())
-    if (t_low, t_mid, t_top) == (0.0, 0.0, 1.0):  # FKD: one category, a view that holds none of N x R bytes
-        assert cat.strides == (0, 0)             # (384 MB per process at 1.28M x 300)
+    shares = models.category_shares(models.region_scores(table, 5, False), lut)  # as train states them
+    assert np.allclose(shares, np.bincount(cat.ravel(), minlength=3) / cat.size)
     kept = (region_category(pgt, t_low, t_mid, t_top) > 0).numpy()
     assert np.array_equal(images, np.flatnonzero(kept.any(1)))  # images with no kept region are never loaded
     seen = np.zeros_like(kept)
@@ -63,7 +64,8 @@ def test_crops_are_an_ordered_sample_of_kept_regions():
     cat[n // 2:, [2, 5]] = 0          # the second half keeps regions 0 and 3 only
     cat[-1] = 0                      # and the last image none
     count = (cat > 0).sum(1)
-    choice = ferkd.kept_regions(cat, count, ferkd.distinct_positions(np.random.default_rng(0), count, 3))
+    choice = ferkd.kept_regions(np.packbits(cat > 0, axis=1), R, count,
+                                ferkd.distinct_positions(np.random.default_rng(0), count, 3))
     assert choice.shape == (n, 3) and choice.min() >= 0 and choice.max() < R
     four, two = choice[:n // 2], choice[n // 2:-1]
     assert np.isin(four, [0, 2, 3, 5]).all() and np.isin(two, [0, 3]).all()
@@ -261,10 +263,11 @@ def test_rank_thresholds_split_every_image_alike():
     table = fake_table(N=N, R=R)
     top = rng.integers(R, 256, N)  # images from unsure (p_gt all below 11/255) to sure: distinct p_gt each
     table[..., 4 + 3 * k] = np.stack([rng.choice(t, R, replace=False) for t in top]).astype(np.uint8)
-    cat = models.region_categories(models.region_scores(table, k, True), 0.05, 0.45, 0.95)
+    lut = models.category_lut(0.05, 0.45, 0.95)
+    cat = lut[models.region_scores(table, k, True)]
     ascending = np.take_along_axis(cat, np.argsort(table[..., 4 + 3 * k], axis=1, kind="stable"), axis=1)
     assert (ascending == [0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 0]).all()
-    by_value = models.region_categories(models.region_scores(table, k, False), 0.05, 0.45, 0.95)  # per image
+    by_value = lut[models.region_scores(table, k, False)]  # p_gt bytes split each image its own way
     assert len({tuple(np.bincount(row, minlength=3)) for row in by_value}) > 1
 
 

@@ -81,7 +81,7 @@ def test_pgt_spread_counts_the_stored_values_beyond_the_bounds():
     rng = np.random.default_rng(0)
     table = beton.pack_regions(np.tile(beton.full_boxes(1), (N, R, 1)), np.zeros((N, R), bool),
                                rng.integers(0, 10, (N, R, k)), np.full((N, R, k), 0.1), pgt, 10)
-    counts = labels.pgt_histogram(table, None, k)[0]
+    counts = labels.pgt_histogram(table, k)[0]
     assert counts.sum() == N * R
     assert labels.pgt_spread(counts) == (0.3, 0.3)
     assert labels.spread_text(counts) == "p_gt < 0.1 on 30.0% of regions, > 0.9 on 30.0%"
