@@ -53,31 +53,47 @@ runpy.run_path(script, run_name="__main__")
 _warm = []  # the warm interpreter, started by the first command
 
 
-def cli(*args, cwd=ROOT, check=True, timeout=500):
-    """Run one of the project's commands, `python SCRIPT ARGS` in cwd, forked from the warm interpreter (in
-    the environment it started with); returns the CompletedProcess (stdout and stderr as text)."""
-    args = list(map(str, args))
-    if not _warm or _warm[0].poll() is not None:
-        _warm[:] = [subprocess.Popen([sys.executable, "-c", WARM, str(ROOT)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1)]
-    warm, pid = _warm[0], None
-    with tempfile.TemporaryDirectory() as d:
-        out, err = Path(d) / "stdout", Path(d) / "stderr"
+class Started:
+    """One of the project's commands, `python SCRIPT ARGS` in cwd, forked from the warm interpreter (in the
+    environment it started with) and not yet waited for: `.pid`, `.running()`, `.wait()`. The warm
+    interpreter serves one command at a time."""
+
+    def __init__(self, *args, cwd=ROOT):
+        self.args = list(map(str, args))
+        if not _warm or _warm[0].poll() is not None:
+            _warm[:] = [subprocess.Popen([sys.executable, "-c", WARM, str(ROOT)], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True, bufsize=1)]
+        self.warm, self.dir = _warm[0], tempfile.TemporaryDirectory()
+        self.out, self.err = Path(self.dir.name) / "stdout", Path(self.dir.name) / "stderr"
+        self.warm.stdin.write(json.dumps([str(cwd), self.args, str(self.out), str(self.err)]) + "\n")
+        self.pid = int(self.warm.stdout.readline())
+
+    def running(self):
+        return not select.select([self.warm.stdout], [], [], 0)[0]  # its exit status not yet written
+
+    def wait(self, check=True, timeout=500):
+        """The CompletedProcess (stdout and stderr as text); a timeout ends the command and the warm
+        interpreter."""
         try:
-            warm.stdin.write(json.dumps([str(cwd), args, str(out), str(err)]) + "\n")
-            pid = int(warm.stdout.readline())
-            if not select.select([warm.stdout], [], [], timeout)[0]:
-                raise subprocess.TimeoutExpired(args, timeout, out.read_text(), err.read_text())
-            code = int(warm.stdout.readline())
-        except BaseException:  # a timeout, pytest-timeout's or ^C: end the command and the warm interpreter
-            if pid:
-                os.kill(pid, signal.SIGKILL)
-            warm.kill()
+            if not select.select([self.warm.stdout], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(self.args, timeout, self.out.read_text(), self.err.read_text())
+            code = int(self.warm.stdout.readline())
+        except BaseException:  # a timeout, pytest-timeout's or ^C
+            os.kill(self.pid, signal.SIGKILL)
+            self.warm.kill()
             raise
-        p = subprocess.CompletedProcess([sys.executable, *args], code, out.read_text(), err.read_text())
-    if check and p.returncode != 0:
-        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
+        with self.dir:
+            p = subprocess.CompletedProcess([sys.executable, *self.args], code, self.out.read_text(),
+                                            self.err.read_text())
+        if check and p.returncode != 0:
+            raise AssertionError(f"{self.args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        return p
+
+
+def cli(*args, cwd=ROOT, check=True, timeout=500):
+    """Run one of the project's commands, `python SCRIPT ARGS` in cwd, forked from the warm interpreter;
+    returns the CompletedProcess (stdout and stderr as text)."""
+    return Started(*args, cwd=cwd).wait(check, timeout)
 
 
 def code_tolerance(true_topk, atol=0.0):

@@ -3,8 +3,6 @@ one epoch per training run: each flag must exist and each command must find what
 import itertools
 import re
 import shlex
-import subprocess
-import sys
 
 import pytest
 
@@ -50,8 +48,7 @@ def test_readme_usage_commands_run(tmp_path):
 def test_readme_benchmark_commands_run(command, expect):
     """Benchmark commands the README quotes run and print their tables: the loss benchmark whole, bench.py's
     other parts at toy sizes (their README runs take minutes; the step part still compiles a model once)."""
-    p = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
+    p = cli(*command, timeout=600)
     assert expect in p.stdout, p.stdout[-2000:]
 
 
