@@ -45,10 +45,12 @@ top-1, so a changed teacher shows.
 "cluttered" (issue 35): the regime protocol on cluttered-fashion-mnist, where crops differ (FerKD's premise);
 its arms and rules are defined beside STUDIES["cluttered"] below, its plan and cost in results/README.md.
 
-Every row records the flags, the git revision and the teacher's test top-1. Seeds are independent: data
-orders and SelfMix draws come from hashes of (seed, epoch) and (seed, rank), not seed + epoch.
+Every row records the flags, the git revision, the machine (`host`) and the teacher's test top-1. Seeds are
+independent: data orders and SelfMix draws come from hashes of (seed, epoch) and (seed, rank), not seed +
+epoch.
 """
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -226,6 +228,17 @@ def git_revision():
     return rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no", "--", "*.py") else "")
 
 
+def host():
+    """The machine a row's seconds were measured on: the CPU, its cores, and whether bf16 is native (so which
+    precision `--amp=auto` trained in). Sessions get different machines: the same 30-epoch arm took 8.5 s an
+    epoch on one (native bf16) and 31.6 s on another (fp32) on 2026-12-06, so seconds compare within one."""
+    import models  # imports torch: only where a row is written or an equal-time arm decided
+    cpu = Path(models.CPUINFO).read_text() if Path(models.CPUINFO).exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")),
+                "unknown CPU")
+    return f"{name}, {os.cpu_count()} cores, bf16 {'native' if models.cpu_has_native_bf16() else 'emulated'}"
+
+
 def chosen(study, names=None):
     """The setting names `names` picks from `study` (one name or a list; None: every setting, in the
     study's order). An unknown study or setting is one error line, not a study that runs the wrong
@@ -284,14 +297,19 @@ def resolve(study, name, rows):
         recorded = sorted({e for (n, _, e) in rows if n == name})
         if recorded:  # the first row fixed the epochs: every seed runs the same schedule
             return flags, recorded[0], dict(decided, epochs_from="the arm's first row")
-        cost = {}
+        seconds = {}  # {machine: {arm: [s/epoch]}}: seconds compare only within one machine
         for n in ("online KD", arm):
-            seconds = [r["train_s_per_epoch"] for r in runs_of(rows, n, E) if "train_s_per_epoch" in r]
-            if not seconds:
-                return f"waits for a {E}-epoch row of {n!r} (its seconds per epoch)"
-            cost[n] = statistics.mean(seconds)
+            for r in runs_of(rows, n, E):
+                if "train_s_per_epoch" in r:
+                    seconds.setdefault(r.get("host"), {}).setdefault(n, []).append(r["train_s_per_epoch"])
+        both = [h for h, by in seconds.items() if len(by) == 2]  # None: rows from before rows named it
+        if not both:
+            return f"waits for {E}-epoch rows of 'online KD' and {arm!r} on one machine (their seconds per epoch)"
+        machine = host() if host() in both else both[0]
+        cost = {n: statistics.mean(s) for n, s in seconds[machine].items()}
         ratio = cost["online KD"] / cost[arm]
-        return flags, round(E * ratio), dict(decided, time_ratio=round(ratio, 3), time_ratio_of=arm)
+        return flags, round(E * ratio), dict(decided, time_ratio=round(ratio, 3), time_ratio_of=arm,
+                                             time_ratio_on=machine)
     return flags, E, decided
 
 
@@ -379,7 +397,7 @@ def one_run(study, name, seed, epochs, flags, decided, files, label_file, teache
     row = dict(setting=name, seed=seed, epochs=epochs, flags=s["student"] + extra,
                top1=final["top1"], train_s_per_epoch=round(final["train_seconds"] / epochs, 1),
                top1_per_epoch=[json.loads(line)["top1"] for line in log],
-               wall_s=round(time.time() - t0, 1), git=git_revision(), teacher_top1=teacher_top1,
+               wall_s=round(time.time() - t0, 1), git=git_revision(), host=host(), teacher_top1=teacher_top1,
                **({"decided": decided} if decided else {}))
     with open(s["results"], "a") as f:
         f.write(json.dumps(row) + "\n")

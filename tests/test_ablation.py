@@ -133,6 +133,21 @@ def test_arms_that_read_other_rows_wait_for_them(tmp_path, monkeypatch):
     rows = {}
     assert "waits for seeds [0, 1, 2] of FerKD defaults and FerKD paper" == ablation.resolve(
         "cluttered", "FerKD paper 0.1/0.5/0.995", rows)
-    assert "waits for a 30-epoch row of 'online KD'" in ablation.resolve("cluttered", "FKD equal time", rows)
+    assert "waits for 30-epoch rows of 'online KD' and 'FKD'" in ablation.resolve("cluttered", "FKD equal time",
+                                                                                   rows)
     assert "every FerKD arm" in ablation.resolve("cluttered", "best FerKD equal time", rows)
     assert ablation.resolve("cluttered", "FKD k=10", rows) == (["--kd=fkd", "--labels={labels_k10}"], 30, {})
+
+
+def test_equal_time_compares_seconds_measured_on_one_machine(monkeypatch):
+    """Sessions get different machines (8.5 against 31.6 s an epoch for one arm): the ratio of online KD's
+    seconds to an arm's is taken from rows of one machine, this one's where both arms have rows there."""
+    row = lambda n, seed, s, host: ((n, seed, 30), dict(top1=80.0, train_s_per_epoch=s, host=host))
+    rows = dict([row("online KD", 0, 30.0, "A"), row("online KD", 1, 120.0, "B"), row("FKD", 0, 10.0, "A")])
+    monkeypatch.setattr(ablation, "host", lambda: "B")
+    flags, epochs, decided = ablation.resolve("cluttered", "FKD equal time", rows)
+    assert (epochs, decided["time_ratio_on"]) == (90, "A"), decided  # B has no FKD row: A's 30 / 10
+    rows.update([row("FKD", 1, 60.0, "B")])
+    assert ablation.resolve("cluttered", "FKD equal time", rows)[1] == 60  # this machine's 120 / 60
+    apart = dict([row("online KD", 1, 120.0, "B"), row("FKD", 0, 10.0, "A")])  # no machine ran both
+    assert "on one machine" in ablation.resolve("cluttered", "FKD equal time", apart)
