@@ -449,12 +449,15 @@ def table(study="small", base=None, settings=None, ce=None, short=False):
             by_epoch = " ".join(("" if len(curve) <= 8 else f"e{e}: ") + f"{curve[e - 1]:.1f}" for e in shown)
             best = got[0].get("decided", {}).get("best_of", "?")  # best_of: the arm it took
             flags = " ".join(spec(study, name).get("flags") or [f"{best}'s"])  # as the code reads them now
-            seconds = [r["train_s_per_epoch"] for r in got if "train_s_per_epoch" in r]
+            seconds = {}  # by machine, in the order rows were written: one mean each ("8.5 / 31.6")
+            for r in got:
+                if "train_s_per_epoch" in r:
+                    seconds.setdefault(r.get("host"), []).append(r["train_s_per_epoch"])
             top1 = mean_std([r["top1"] for r in got]) + (f" ({len(got)})" if short else "")
             full = STUDIES[study]["epochs"] if spec(study, name).get("equal_time") else None
             cells = [name, epochs, len(got), top1, paired(rows, name, ce, epochs, full),
                      paired(rows, name, base, epochs, full),
-                     f"{statistics.mean(seconds):.1f}" if seconds else "", by_epoch, f"`{flags}`"]
+                     " / ".join(f"{statistics.mean(v):.1f}" for v in seconds.values()), by_epoch, f"`{flags}`"]
             print("| " + " | ".join(str(cells[i]) for i in keep) + " |")
 
 

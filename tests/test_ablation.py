@@ -33,6 +33,19 @@ def test_table_pairs_runs_by_seed(tmp_path, monkeypatch, capsys):
     assert cells["online KD"][3] == "20.0" and cells["FKD"][3] == "10.0", cells
 
 
+def test_table_gives_seconds_per_epoch_by_machine(tmp_path, monkeypatch, capsys):
+    """Seconds per epoch from two machines are not averaged together: one mean per machine."""
+    rows = [("FKD", 0, 8.0, None), ("FKD", 1, 10.0, None), ("FKD", 2, 31.0, "B"), ("CE", 0, 9.0, None)]
+    results = tmp_path / "study.jsonl"
+    results.write_text("".join(json.dumps(dict(setting=n, seed=s, epochs=30, top1=80.0, top1_per_epoch=[80.0],
+                                               train_s_per_epoch=t, **({"host": h} if h else {}))) + "\n"
+                               for n, s, t, h in rows))
+    monkeypatch.setitem(ablation.STUDIES["regime"], "results", results)
+    ablation.table("regime", base="CE", settings=["CE", "FKD"], short=True)
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert cells["FKD"][3] == "9.0 / 31.0" and cells["CE"][3] == "9.0", cells
+
+
 @pytest.mark.parametrize("args, words", [
     # a string was matched by substring: this one would have run "FKD" (its teacher first)
     (["run", "--study=regime", "--settings=FKD log cod"], "has no setting 'FKD log cod'"),
