@@ -297,16 +297,13 @@ def resolve(study, name, rows):
         recorded = sorted({e for (n, _, e) in rows if n == name})
         if recorded:  # the first row fixed the epochs: every seed runs the same schedule
             return flags, recorded[0], dict(decided, epochs_from="the arm's first row")
-        seconds = {}  # {machine: {arm: [s/epoch]}}: seconds compare only within one machine
-        for n in ("online KD", arm):
-            for r in runs_of(rows, n, E):
-                if "train_s_per_epoch" in r:
-                    seconds.setdefault(r.get("host"), {}).setdefault(n, []).append(r["train_s_per_epoch"])
-        both = [h for h, by in seconds.items() if len(by) == 2]  # None: rows from before rows named it
+        seconds = {n: seconds_by_machine(runs_of(rows, n, E)) for n in ("online KD", arm)}
+        both = [h for h in seconds["online KD"] if h in seconds[arm]]  # None: rows from before rows named it
         if not both:
             return f"waits for {E}-epoch rows of 'online KD' and {arm!r} on one machine (their seconds per epoch)"
-        machine = host() if host() in both else both[0]
-        cost = {n: statistics.mean(s) for n, s in seconds[machine].items()}
+        here = host()
+        machine = here if here in both else both[0]
+        cost = {n: statistics.mean(by[machine]) for n, by in seconds.items()}
         ratio = cost["online KD"] / cost[arm]
         return flags, round(E * ratio), dict(decided, time_ratio=round(ratio, 3), time_ratio_of=arm,
                                              time_ratio_on=machine)
@@ -404,6 +401,16 @@ def one_run(study, name, seed, epochs, flags, decided, files, label_file, teache
     print(f"  {name} seed {seed} {epochs} epochs: top-1 {row['top1']:.2f}", flush=True)
 
 
+def seconds_by_machine(runs):
+    """{host: [training seconds per epoch]} of some runs, in the order they were written (None: rows from
+    before rows named their machine): seconds compare only within one machine."""
+    by = {}
+    for r in runs:
+        if "train_s_per_epoch" in r:
+            by.setdefault(r.get("host"), []).append(r["train_s_per_epoch"])
+    return by
+
+
 def runs_of(rows, name, epochs):
     """The recorded runs of one setting at one schedule, one per seed."""
     return [r for (n, _, e), r in rows.items() if n == name and e == epochs]
@@ -449,10 +456,7 @@ def table(study="small", base=None, settings=None, ce=None, short=False):
             by_epoch = " ".join(("" if len(curve) <= 8 else f"e{e}: ") + f"{curve[e - 1]:.1f}" for e in shown)
             best = got[0].get("decided", {}).get("best_of", "?")  # best_of: the arm it took
             flags = " ".join(spec(study, name).get("flags") or [f"{best}'s"])  # as the code reads them now
-            seconds = {}  # by machine, in the order rows were written: one mean each ("8.5 / 31.6")
-            for r in got:
-                if "train_s_per_epoch" in r:
-                    seconds.setdefault(r.get("host"), []).append(r["train_s_per_epoch"])
+            seconds = seconds_by_machine(got)  # one mean per machine ("8.5 / 31.6")
             top1 = mean_std([r["top1"] for r in got]) + (f" ({len(got)})" if short else "")
             full = STUDIES[study]["epochs"] if spec(study, name).get("equal_time") else None
             cells = [name, epochs, len(got), top1, paired(rows, name, ce, epochs, full),
