@@ -233,10 +233,8 @@ def host():
     precision `--amp=auto` trained in). Sessions get different machines: the same 30-epoch arm took 8.5 s an
     epoch on one (native bf16) and 31.6 s on another (fp32) on 2026-12-06, so seconds compare within one."""
     import models  # imports torch: only where a row is written or an equal-time arm decided
-    cpu = Path(models.CPUINFO).read_text() if Path(models.CPUINFO).exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")),
-                "unknown CPU")
-    return f"{name}, {os.cpu_count()} cores, bf16 {'native' if models.cpu_has_native_bf16() else 'emulated'}"
+    bf16 = "native" if models.cpu_has_native_bf16() else "emulated"
+    return f"{models.cpuinfo('model name') or 'unknown CPU'}, {os.cpu_count()} cores, bf16 {bf16}"
 
 
 def chosen(study, names=None):

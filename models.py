@@ -215,18 +215,25 @@ def check_teacher(model, spec, res, num_classes):
 # -----------------------------------------------------------------------------
 # Precision: the one rule for every command that autocasts (`ferkd.py train` and `eval`, `labels.py build`)
 
-CPUINFO = "/proc/cpuinfo"  # where the CPU's flags are read (a module constant, so tests can fake a CPU)
+CPUINFO = "/proc/cpuinfo"  # where the CPU is described (a module constant, so tests can fake a CPU)
+
+
+def cpuinfo(field):
+    """The first value of `field` in CPUINFO ("model name", "flags"), or None where there is none (not Linux)."""
+    try:
+        text = Path(CPUINFO).read_text()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                 if line.split(":", 1)[0].strip() == field), None)
 
 
 def cpu_has_native_bf16():
     """Whether this CPU computes bf16 in hardware (the avx512_bf16 or amx_bf16 flag). Without either, bf16
     autocast is emulated: 2-3x slower than fp32 on an AVX-512 Xeon (small16 216 vs 401 img/s, small64 19 vs
-    60; NOTES.md, December 2026), while on a Zen 5 with avx512_bf16 it is 1.15-2x faster (issue 25)."""
-    try:
-        text = Path(CPUINFO).read_text()
-    except OSError:  # not Linux: no way to tell, so no emulated bf16 by default
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    60; NOTES.md, December 2026), while on a Zen 5 with avx512_bf16 it is 1.15-2x faster (issue 25). Where
+    the flags cannot be read (not Linux), no emulated bf16 by default."""
+    flags = (cpuinfo("flags") or "").split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -36,6 +36,9 @@ def test_cpu_precision_follows_native_bf16(monkeypatch, tmp_path, flags, auto):
     assert models.autocast_dtype(CPU, True)[0] is torch.bfloat16   # fire's bool, as before the flag was a word
     if auto is None:
         assert "fp32" in models.autocast_dtype(CPU, "auto")[1]
+    import ablation  # a study row names the machine from the same file: its CPU and whether bf16 is native
+    assert ablation.host().startswith("unknown CPU," if flags is None else "fake,")
+    assert ablation.host().endswith("bf16 native" if auto else "bf16 emulated")
 
 
 @pytest.mark.parametrize("major, dtype", [(9, torch.bfloat16), (8, torch.bfloat16), (7, torch.float16)])
