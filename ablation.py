@@ -62,9 +62,9 @@ from runtime import UserError, run_cli
 
 P_GT = ["--kd=ferkd", "--thresholds=p_gt"]  # stated, so the arms never follow --kd=ferkd's defaults
 FERKD = P_GT + ["--t_low=0.02", "--t_mid=0.2", "--t_top=0.995", "--eps=0.1"]
+# --kd=ferkd's defaults until issue 35: the "FerKD defaults" arms below state them, so they keep the values
+# they ran with
 RANK = ["--kd=ferkd", "--thresholds=rank", "--t_low=0.05", "--t_mid=0.25", "--t_top=0.95", "--eps=0.1"]
-# (--kd=ferkd's defaults until issue 35: the "FerKD defaults" arms below state them, so they keep the values
-# they ran with)
 SELFMIX = ["--mix=cutmix", "--mix_prob=0.5"]
 STUDIES = {
     "small": dict(

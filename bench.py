@@ -691,6 +691,7 @@ def bench_loader_imagenet(images=2000, res="160,176,192,224", crops="1,4", worke
     for all its crops, so a row costs 1 / crops JPEG decodes plus one crop-resize (`replay_rate`). `side`: the
     images' shorter side (ImageNet's typical 375; 4/3 of it the longer)."""
     import beton
+    import models
     d = scratch_dir()
     t0 = time.time()
     ds = beton.load_dataset(f"imagefolder:{imagenet_like_folder(d / 'folder', images, side=side)}",
@@ -705,7 +706,7 @@ def bench_loader_imagenet(images=2000, res="160,176,192,224", crops="1,4", worke
     print(f"\n9. region replay at ImageNet size: {N:,} photo-like JPEGs ({heights.min()} x {widths.max()} "
           f"and {heights.max()} x {widths.min()}, {jpeg_kb:.0f} KB each at quality 90; set-up "
           f"{time.time() - t0:.0f} s), R={regions} stored boxes, batches of {rows} rows, CPU: "
-          f"{os.cpu_count()} cores, {cpu_name()}", flush=True)
+          f"{os.cpu_count()} cores, {models.cpuinfo('model name') or 'unknown CPU'}", flush=True)
     print("| res | crops | workers | rows/s | rows/s per worker | JPEG decodes per row |")
     print("|---|---|---|---|---|---|")
     out = []
@@ -752,14 +753,6 @@ def build_rate(stdout, chunk, regions):
     if len(done) < 2:
         return None
     return (done[-1][0] - done[0][0]) / (done[-1][1] - done[0][1]) * regions
-
-
-def cpu_name():
-    """The CPU's model name (Linux), for a table's caption."""
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def all(images=4000):

@@ -47,7 +47,7 @@ from beton import (MEAN, STD, center_boxes, dataset_beton, epoch_batches, grid_b
                    load_dataset, random_boxes, read_header, read_regions, region_loader, region_plan,
                    subset_images, to_model_input, unpack_regions, whole_image_plan)
 from kernels_triton import ferkd_loss, region_category
-from models import (ARCHS, CHUNK_IMAGES, FERKD_DEFAULTS, PRECISION_NAMES, autocast_dtype, build_model,
+from models import (ARCHS, CHUNK_IMAGES, FERKD_DEFAULTS, PRECISION_NAMES, autocast_dtype, build_model, cpuinfo,
                     check_teacher, check_thresholds, checkpoint_eval, checkpoint_res, load_checkpoint,
                     load_teacher, category_lut, category_shares, region_scores, save_checkpoint,
                     threshold_defaults)
@@ -600,9 +600,7 @@ def run_metadata(device):
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        model = [l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")]
-        name = f"{model[0] if model else platform.processor()}, {os.cpu_count()} cores"
+        name = f"{cpuinfo('model name') or platform.processor()}, {os.cpu_count()} cores"
     return dict(versions=versions, git_revision=revision, git_dirty=dirty, device_name=name,
                 host=platform.node())
 
