@@ -417,8 +417,10 @@ def runs_of(rows, name, epochs):
 
 
 def mean_std(values):
-    std = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+    """'mean ± std'; one value alone, without a spread it does not have."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def paired(rows, name, base, epochs, base_epochs=None):
