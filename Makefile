@@ -8,7 +8,7 @@ demo: setup
 	.venv/bin/python demo.py
 
 test: setup
-	.venv/bin/python -m pytest -q --durations=20 tests
+	.venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=20 tests
 
 # Caches the project generates; keeps .venv (rm -rf .venv to rebuild it) and never touches runs/ or data/,
 # where the README puts your runs and label files (the dataset caches there are data/*-train-*.beton and

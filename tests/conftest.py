@@ -5,7 +5,11 @@ The CLI runner forks each command from a warm interpreter that has already impor
 FFCV, scikit-learn and the project's modules (8 s of a command's start on 2 cores, most of it FFCV's numba
 Dict, torch and torch._dynamo), then runs the script as `__main__` with its own argv, cwd, stdin, stdout and
 stderr: the same code path as `python SCRIPT ARGS`, minus the imports. Tests that need a fresh process or
-another environment (torchrun, signals, rlimits, TRITON_INTERPRET) call subprocess themselves."""
+another environment (torchrun, signals, rlimits, TRITON_INTERPRET) call subprocess themselves.
+
+`make test` runs the files in two pytest-xdist workers, a file's tests in one worker (`--dist loadfile`: the
+module fixtures, some of which write shared files, are made once); each worker makes its own session fixtures
+and its own warm interpreter."""
 import json
 import os
 import select
@@ -16,7 +20,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers (pytest-xdist) on 2 cores: each worker,
+    # and every process it starts, at one torch thread whose OpenMP team sleeps when idle; two processes whose
+    # threads spin-wait for each other's cores run many times slower, not twice
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402  (after the thread settings it reads)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tests import the top-level scripts

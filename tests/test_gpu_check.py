@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_dry_run(tmp_path, step, names):
     jsonl = tmp_path / "gpu-check.jsonl"
     env = dict(os.environ, TRITON_INTERPRET="1", GPU_CHECK_JSONL=str(jsonl), GPU_CHECK_OUT=str(tmp_path))
+    env.pop("OMP_NUM_THREADS", None)  # step-vs-cpu compares the machine's torch threads (2 here) against 1
     subprocess.run([sys.executable, ".ci/gpu_check.py", step, "--dry-run"], cwd=ROOT, env=env, check=True,
                    timeout=300, capture_output=True)
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]

@@ -287,8 +287,8 @@ def test_two_processes_give_the_same_bytes(imported, tmp_path):
         pytest.skip("one variant is enough")
     out = tmp_path / "two.beton"
     args = [a if not a.startswith("--out=") else f"--out={out}" for a in imported["args"]]
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *args], cwd=ROOT,
-                       capture_output=True, text=True, timeout=280)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        *args], cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "2 process(es)" in p.stdout and "2 chunks to do" in p.stdout, p.stdout
     assert out.read_bytes() == imported["out"].read_bytes()
