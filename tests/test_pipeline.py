@@ -315,7 +315,8 @@ def test_epochs_keep_torch_thread_count(built):
         torch.set_num_threads(before)
 
 
-@pytest.mark.timeout(120)  # FFCV's own epoch iterator waits forever here
+@pytest.mark.timeout(120, func_only=True)  # FFCV's own epoch iterator waits forever here; the session
+# fixture (its own timeouts) may be made first
 def test_a_failing_loader_thread_is_an_error_not_a_hang(built, monkeypatch):
     """An exception in FFCV's pipeline thread (here simulated; on a GPU, e.g. CUDA out of memory in ToDevice)
     reaches the consumer as one error instead of leaving it waiting for a batch that never comes."""
@@ -335,7 +336,7 @@ def test_a_failing_loader_thread_is_an_error_not_a_hang(built, monkeypatch):
             pass
 
 
-@pytest.mark.timeout(60)  # FFCV's own epoch iterator waits forever here
+@pytest.mark.timeout(60, func_only=True)  # as above
 def test_stopping_early_at_the_epochs_end_does_not_hang(built):
     """A consumer that stops when exactly the queue's worth of batches (FFCV's batches_ahead) is left: FFCV's
     thread fills the queue with them and then blocks on its last put, the epoch's end, which has no timeout;
