@@ -119,6 +119,12 @@ def code_tolerance(true_topk, atol=0.0):
     return torch.cat([torch.maximum(tol[..., :1], derived), tol[..., 1:]], -1) + atol
 
 
+def torchrun(nproc=2):
+    """The command that starts nproc processes under torchrun on a free rendezvous port (`--standalone`: two
+    at once, as under pytest-xdist, do not collide on the default one)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
 def last_json(text):
     return json.loads(text.strip().splitlines()[-1])
 

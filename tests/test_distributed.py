@@ -13,18 +13,17 @@ max |difference| ~6e-8 after 3 steps), with both ranks bit-identical.
 """
 import json
 import subprocess
-import sys
 
 import pytest
 
+import conftest
 from conftest import ROOT, last_json
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def torchrun(*args, nproc=2, cwd=ROOT):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *map(str, args)]
+    cmd = [*conftest.torchrun(nproc), *map(str, args)]
     p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=500)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     return p

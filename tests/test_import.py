@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, cli, code_tolerance, last_json
+from conftest import ROOT, cli, code_tolerance, last_json, torchrun
 from test_pipeline import one_error_line
 
 pytestmark = pytest.mark.timeout(300)
@@ -282,13 +282,11 @@ def test_bad_file_mid_import_then_resume_gives_the_same_bytes(imported, tmp_path
 def test_two_processes_give_the_same_bytes(imported, tmp_path):
     """Under torchrun each rank imports every other chunk; the file is the one-process import's."""
     import subprocess
-    import sys
     if imported["fp16"]:
         pytest.skip("one variant is enough")
     out = tmp_path / "two.beton"
     args = [a if not a.startswith("--out=") else f"--out={out}" for a in imported["args"]]
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        *args], cwd=ROOT, capture_output=True, text=True, timeout=280)
+    p = subprocess.run([*torchrun(), *args], cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "2 process(es)" in p.stdout and "2 chunks to do" in p.stdout, p.stdout
     assert out.read_bytes() == imported["out"].read_bytes()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, Started, cli
+from conftest import ROOT, Started, cli, torchrun
 from test_pipeline import one_error_line
 
 pytestmark = pytest.mark.timeout(300)
@@ -67,8 +67,7 @@ def test_two_processes_give_the_same_bytes(built, reference, tmp_path):
     import beton
     ckpt, _ = built
     out = tmp_path / "l2.beton"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *build_args(ckpt, out)]
+    cmd = [*torchrun(), *build_args(ckpt, out)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "2 process(es)" in p.stdout and f"{CHUNKS // 2} chunks to do" in p.stdout, p.stdout

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, torchrun
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -28,9 +28,8 @@ def run_bench(call):
 
 
 def run_torchrun(nproc, *args):
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        f"--nproc_per_node={nproc}", "bench.py", *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=500)
+    p = subprocess.run([*torchrun(nproc), "bench.py", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=500)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return p.stdout
 
