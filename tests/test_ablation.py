@@ -165,3 +165,23 @@ def test_equal_time_compares_seconds_measured_on_one_machine(monkeypatch):
     assert ablation.resolve("cluttered", "FKD equal time", rows)[1] == 60  # this machine's 120 / 60
     apart = dict([row("online KD", 1, 120.0, "B"), row("FKD", 0, 10.0, "A")])  # no machine ran both
     assert "on one machine" in ablation.resolve("cluttered", "FKD equal time", apart)
+
+
+def test_fashion_study_takes_the_better_rank_setting_at_equal_time():
+    """Issue 35's Fashion-MNIST arms: the rank setting named for today's --kd=ferkd defaults states them, and
+    the equal-time FerKD arm takes the better of the two rank settings by mean top-1 over seeds 0-2, at the
+    epochs that cost online KD's 30 by its own seconds."""
+    import models
+    named = ablation.STUDIES["fashion"]["settings"]["FerKD rank 0.3/0.5/1"]
+    assert {f"--{k}={v:g}" if isinstance(v, float) else f"--{k}={v}"
+            for k, v in models.FERKD_DEFAULTS.items()} <= set(named)
+    row = lambda n, seed, top1, s=10.0: ((n, seed, 30), dict(top1=top1, train_s_per_epoch=s, host="A"))
+    rows = dict([row("online KD", seed, 70.0, 30.0) for seed in range(3)]
+                + [row("FerKD rank 0.05/0.25/0.95", seed, 69.0 + seed, 12.0) for seed in range(3)])
+    assert "every FerKD arm" in ablation.resolve("fashion", "best FerKD equal time", rows)
+    rows.update([row("FerKD rank 0.3/0.5/1", seed, 71.0 - seed / 2, 10.0) for seed in range(3)])  # mean 70.5
+    flags, epochs, decided = ablation.resolve("fashion", "best FerKD equal time", rows)
+    assert decided["best_of"] == "FerKD rank 0.3/0.5/1" and flags == named and epochs == 90, decided
+    rows[("FerKD rank 0.05/0.25/0.95", 0, 30)]["top1"] = 75.0  # mean 71.0: the other one wins
+    flags, epochs, decided = ablation.resolve("fashion", "best FerKD equal time", rows)
+    assert decided["best_of"] == "FerKD rank 0.05/0.25/0.95" and epochs == 75, decided  # 30 * 30 / 12
