@@ -1,7 +1,7 @@
 """`.ci/gpu-check --dry-run`'s checks of the trainer's step run and pass on the CPU (interpreter, gloo, eager
 compile), so the script a lent GPU runs is known to start, and its comparisons are known to hold where the
 devices round alike (step-vs-cpu: 2 CPU threads against 1 in float64; the kernel against the definition on a
-SelfMix cutmix batch; one compiled graph; FKD faster than online KD)."""
+SelfMix cutmix batch; one compiled graph; kd-step's rates, not its speed claim)."""
 import json
 import os
 import subprocess
@@ -24,6 +24,13 @@ def test_gpu_check_dry_run(tmp_path, step, names):
                    timeout=300, capture_output=True)
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert {r["step"] for r in rows} == names
+    if step == "kd-step":  # its ok is a speed claim (FKD's step faster than online KD's): timed, so the GPU
+        # run decides it, not a test sharing 2 cores with another (it failed so once, at 1.5x alone)
+        (row,) = rows
+        fkd = row["rows_per_s"].pop("FKD (stored labels)")
+        assert row["dry_run"] and row["rows_per_s"] and fkd > 0, row
+        assert all(abs(row["fkd_speedup"][k] - fkd / v) < 1e-2 for k, v in row["rows_per_s"].items()), row
+        return
     assert all(r["ok"] and r["dry_run"] for r in rows), [r for r in rows if not r["ok"]]
     if step == "loss-step":  # the profiler's tables, one per class count
         assert "== triton" in (tmp_path / "loss-step-small16-C10.txt").read_text()
