@@ -168,23 +168,16 @@ STUDIES["cluttered"] = dict(
 # against a new teacher with their own baselines: issue 24's protocol, its teacher kept and its label files
 # made for the students' images as the cluttered study's are. Its best FerKD arm at equal time is the better
 # by mean top-1 of the two rank settings the studies chose as defaults: issue 24's and issue 35's.
+CLUTTERED = STUDIES["cluttered"]  # the fashion study repeats its protocol, arms and pairs
 FERKD_DEFAULTS_BY = {  # --kd=ferkd's defaults until issue 35, and since (the cluttered study's best)
-    "FerKD rank 0.05/0.25/0.95": RANK,
-    "FerKD rank 0.3/0.5/1": FAMILY_FLAGS["FerKD defaults"] + ["--t_low=0.3", "--t_mid=0.5", "--t_top=1"]}
+    "FerKD rank 0.05/0.25/0.95": CLUTTERED["settings"]["FerKD defaults"],
+    "FerKD rank 0.3/0.5/1": CLUTTERED["settings"]["FerKD defaults 0.3/0.5/1"]["flags"]}
 STUDIES["fashion"] = dict(
     runs=Path("runs/fashion"), results=Path("results/fashion.jsonl"), kept=Path("results/fashion_teacher"),
-    teacher=STUDIES["regime"]["teacher"], labels=STUDIES["cluttered"]["labels"],
-    label_variants=STUDIES["cluttered"]["label_variants"], student=STUDIES["regime"]["student"], epochs=30,
-    schedules={}, ce="CE ls=0",
-    settings={
-        "CE ls=0": ["--kd=none", "--label_smoothing=0"],
-        "online KD": ["--kd=kd", "--teacher={teacher}"],
-        "FKD": ["--kd=fkd"],
-        "FKD k=10": ["--kd=fkd", "--labels={labels_k10}"],
-        **FERKD_DEFAULTS_BY,
-        "FKD equal time": dict(flags=["--kd=fkd"], equal_time="FKD"),
-        "best FerKD equal time": dict(best_of=list(FERKD_DEFAULTS_BY), equal_time=True),
-    },
+    **{k: CLUTTERED[k] for k in ("teacher", "labels", "label_variants", "student", "epochs", "ce")}, schedules={},
+    settings={**{n: CLUTTERED["settings"][n] for n in ("CE ls=0", "online KD", "FKD", "FKD k=10")},
+              **FERKD_DEFAULTS_BY, "FKD equal time": CLUTTERED["settings"]["FKD equal time"],
+              "best FerKD equal time": dict(best_of=list(FERKD_DEFAULTS_BY), equal_time=True)},
     pairs=[("FKD", "online KD"), ("FKD k=10", "FKD"), ("FKD equal time", "online KD"),
            ("best FerKD equal time", "online KD"), *[(name, "FKD") for name in FERKD_DEFAULTS_BY]])
 SEEDS = (0, 1, 2)
