@@ -140,6 +140,8 @@ def grid(family):
 
 
 FERKD_ARMS = ["FerKD defaults", "FerKD paper", *grid("FerKD defaults"), *grid("FerKD paper")]
+BASELINE_PAIRS = [("FKD", "online KD"), ("FKD k=10", "FKD"), ("FKD equal time", "online KD"),
+                  ("best FerKD equal time", "online KD")]  # and each FerKD arm against FKD
 # Its teacher is kept in results/ (`kept`: 10 MB, weights with their optimizer state) so that the study
 # survives the loss of runs/ between sessions;
 # its label files hold the students' 10,000 images only (build --subset: the same records as a file of all
@@ -161,8 +163,7 @@ STUDIES["cluttered"] = dict(
         "FKD equal time": dict(flags=["--kd=fkd"], equal_time="FKD"),
         "best FerKD equal time": dict(best_of=FERKD_ARMS, equal_time=True),
     },
-    pairs=[("FKD", "online KD"), ("FKD k=10", "FKD"), ("FKD equal time", "online KD"),
-           ("best FerKD equal time", "online KD"), *[(name, "FKD") for name in FERKD_ARMS]])
+    pairs=[*BASELINE_PAIRS, *[(name, "FKD") for name in FERKD_ARMS]])
 # k = C and equal time on Fashion-MNIST too (issue 35, items 3 and 4). Issue 24's teacher (runs/study) did
 # not outlive its session, and a new one is not bit-identical, so these arms run as a study of their own
 # against a new teacher with their own baselines: issue 24's protocol, its teacher kept and its label files
@@ -178,8 +179,7 @@ STUDIES["fashion"] = dict(
     settings={**{n: CLUTTERED["settings"][n] for n in ("CE ls=0", "online KD", "FKD", "FKD k=10")},
               **FERKD_DEFAULTS_BY, "FKD equal time": CLUTTERED["settings"]["FKD equal time"],
               "best FerKD equal time": dict(best_of=list(FERKD_DEFAULTS_BY), equal_time=True)},
-    pairs=[("FKD", "online KD"), ("FKD k=10", "FKD"), ("FKD equal time", "online KD"),
-           ("best FerKD equal time", "online KD"), *[(name, "FKD") for name in FERKD_DEFAULTS_BY]])
+    pairs=[*BASELINE_PAIRS, *[(name, "FKD") for name in FERKD_DEFAULTS_BY]])
 SEEDS = (0, 1, 2)
 MORE_SEEDS = (3, 4)  # for the pairs of interest whose difference is within a standard error after SEEDS
 # the demo's regime (demo.py runs its seed 0; `run --study=demo --seeds=[0,1,2,3,4]` measured its seed noise,
