@@ -161,9 +161,12 @@ STUDIES["cluttered"] = dict(
         "FerKD paper": FERKD + SELFMIX,
         # which half of the paper's recipe costs its 6 points (added after the study's conclusion, outside its
         # pairs and rules, fixed before either ran): its p_gt thresholds without SelfMix, SelfMix without them;
-        # seeds 0-2 only, whatever they show
+        # seeds 0-2 only, whatever they show; then the thresholds' two acts apart (declared after those rows,
+        # before these ran, the same way): only dropping (p_gt < 0.02 or > 0.995), only hard regions (< 0.2)
         "FerKD paper without SelfMix": FERKD,
         "FKD + SelfMix": ["--kd=fkd"] + SELFMIX,
+        "FerKD paper, drop only": P_GT + ["--t_low=0.02", "--t_mid=0.02", "--t_top=0.995", "--eps=0.1"],
+        "FerKD paper, hard only": P_GT + ["--t_low=0", "--t_mid=0.2", "--t_top=1", "--eps=0.1"],
         **grid("FerKD defaults"), **grid("FerKD paper"),
         "FKD equal time": dict(flags=["--kd=fkd"], equal_time="FKD"),
         "best FerKD equal time": dict(best_of=FERKD_ARMS, equal_time=True),
